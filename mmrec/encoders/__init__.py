@@ -1,0 +1,1 @@
+"""mmrec.encoders"""

@@ -1,0 +1,119 @@
+"""The contract between a recommender, the trainer and the evaluator.
+
+A model is a plain ``nn.Module``: it can be built from a dataset, trained by any
+loop that calls :meth:`Recommender.training_batches` and :meth:`Recommender.loss`,
+and scored by :meth:`Recommender.score_all` / :meth:`Recommender.score`. The
+trainer imports models, never the reverse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, ClassVar, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mmrec.config import from_dict
+from mmrec.datasets.sampling import bpr_batches
+from mmrec.datasets.schema import Dataset
+from mmrec.registry import MODELS
+
+# Modules whose import registers models; each may be absent while issues are open.
+MODEL_MODULES = (
+    "mmrec.graph.baselines",
+    "mmrec.graph.lightgcn",
+    "mmrec.graph.cigf",
+    "mmrec.graph.mbgmn",
+    "mmrec.fusion.models",
+)
+
+
+def import_all_models() -> None:
+    """Import every module that registers models (missing optional ones are skipped)."""
+    for name in MODEL_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a real missing dependency inside the module
+                raise
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Hyper-parameters shared by most models; subclasses add their own fields."""
+
+    dim: int = 64
+    reg: float = 1e-4
+
+
+class Recommender(nn.Module):
+    """Base class of every recommender.
+
+    Subclasses set ``config_class`` (a dataclass), implement :meth:`from_dataset`,
+    :meth:`loss` and :meth:`score_all`; override :meth:`training_batches` when they
+    need more than BPR triples of the target behavior.
+    """
+
+    config_class: ClassVar[type] = ModelConfig
+    #: False for models fitted in closed form (popularity): the trainer calls fit() only.
+    trainable: ClassVar[bool] = True
+    #: Models that can score items without training interactions (content models).
+    content_aware: ClassVar[bool] = False
+
+    @classmethod
+    def from_dataset(cls, data: Dataset, config: Any) -> "Recommender":
+        raise NotImplementedError
+
+    # -- training ---------------------------------------------------------------
+    def fit(self, data: Dataset) -> None:
+        """Closed-form fitting (called once before training); default: nothing."""
+
+    def training_batches(self, data: Dataset, batch_size: int, rng: np.random.Generator) -> Iterator[dict[str, Tensor]]:
+        """One epoch of mini-batches; default: BPR (user, pos, neg) on the target behavior."""
+        yield from bpr_batches(data.matrix(), batch_size, rng)
+
+    def loss(self, batch: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    # -- scoring ----------------------------------------------------------------
+    def prepare_eval(self) -> None:
+        """Called under no_grad before scoring (e.g. propagate graph embeddings once)."""
+
+    def score_all(self, users: Tensor) -> Tensor:
+        """Scores [len(users), n_items] of every item for a batch of users."""
+        raise NotImplementedError
+
+    def score(self, users: Tensor, items: Tensor) -> Tensor:
+        """Scores of chosen items: ``users`` [B], ``items`` [B, k] -> [B, k]."""
+        return self.score_all(users).gather(1, items)
+
+    def item_embeddings(self) -> Tensor | None:
+        """Final item representations, if the model has them (used as alignment targets)."""
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+
+def model_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
+    """The config dataclass of a registered model, with overrides applied."""
+    import_all_models()
+    cls = MODELS.get(name)
+    return from_dict(cls.config_class, overrides or {}, path="model")
+
+
+def create_model(name: str, data: Dataset, config: dict[str, Any] | Any | None = None) -> Recommender:
+    """Build a registered model for a dataset (timm's ``create_model`` for recommenders)."""
+    import_all_models()
+    cls = MODELS.get(name)
+    if config is None or isinstance(config, dict):
+        config = from_dict(cls.config_class, config or {}, path="model")
+    return cls.from_dataset(data, config)
