@@ -1,0 +1,97 @@
+"""Reference baselines: popularity and BPR-MF on the target behavior."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmrec.datasets.schema import Dataset
+from mmrec.models.base import ModelConfig, Recommender
+from mmrec.registry import MODELS
+
+
+@dataclass
+class PopConfig:
+    """Popularity needs no hyper-parameters; ``behavior`` picks what is counted."""
+
+    behavior: str | None = None  # default: the target behavior
+
+
+@MODELS.register("pop")
+class Popularity(Recommender):
+    """Scores every item by its number of training interactions (same list for every user)."""
+
+    config_class: ClassVar[type] = PopConfig
+    trainable: ClassVar[bool] = False
+
+    def __init__(self, n_items: int, behavior: str | None = None) -> None:
+        super().__init__()
+        self.behavior = behavior
+        self.register_buffer("popularity", torch.zeros(n_items))
+
+    @classmethod
+    def from_dataset(cls, data: Dataset, config: PopConfig) -> "Popularity":
+        return cls(data.n_items, config.behavior)
+
+    def fit(self, data: Dataset) -> None:
+        counts = np.asarray(data.matrix(self.behavior).sum(axis=0)).ravel()
+        self.popularity.copy_(torch.from_numpy(counts.astype(np.float32)))
+
+    def score_all(self, users: Tensor) -> Tensor:
+        return self.popularity.unsqueeze(0).expand(len(users), -1)
+
+    def score(self, users: Tensor, items: Tensor) -> Tensor:
+        return self.popularity[items]
+
+
+@dataclass
+class BPRMFConfig(ModelConfig):
+    """Matrix factorisation trained with BPR (Rendle et al., UAI 2009)."""
+
+    dim: int = 64
+    reg: float = 1e-4
+    init_std: float = 0.1
+
+
+@MODELS.register("bprmf")
+class BPRMF(Recommender):
+    """x_ui = <p_u, q_i>; loss = -ln σ(x_ui - x_uj) + reg·(|p_u|² + |q_i|² + |q_j|²)/2 per triple."""
+
+    config_class: ClassVar[type] = BPRMFConfig
+
+    def __init__(self, n_users: int, n_items: int, config: BPRMFConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.user_emb = nn.Embedding(n_users, config.dim)
+        self.item_emb = nn.Embedding(n_items, config.dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.user_emb.weight, std=self.config.init_std)
+        nn.init.normal_(self.item_emb.weight, std=self.config.init_std)
+
+    @classmethod
+    def from_dataset(cls, data: Dataset, config: BPRMFConfig) -> "BPRMF":
+        return cls(data.n_users, data.n_items, config)
+
+    def loss(self, batch: dict[str, Tensor]) -> Tensor:
+        u = self.user_emb(batch["user"])
+        i = self.item_emb(batch["pos"])
+        j = self.item_emb(batch["neg"])
+        diff = (u * i).sum(-1) - (u * j).sum(-1)
+        reg = 0.5 * (u.pow(2).sum(-1) + i.pow(2).sum(-1) + j.pow(2).sum(-1))
+        return (-F.logsigmoid(diff) + self.config.reg * reg).mean()
+
+    def score_all(self, users: Tensor) -> Tensor:
+        return self.user_emb(users) @ self.item_emb.weight.T
+
+    def score(self, users: Tensor, items: Tensor) -> Tensor:
+        return (self.user_emb(users).unsqueeze(1) * self.item_emb(items)).sum(-1)
+
+    def item_embeddings(self) -> Tensor:
+        return self.item_emb.weight

@@ -1,0 +1,69 @@
+"""Checkpoints: best weights as safetensors, the full resumable state as a torch file.
+
+Resume is exact on CPU: model, optimizer, epoch, selection state and both RNGs
+(numpy's sampling generator and torch's) are restored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from mmrec.errors import MMRecError
+from mmrec.io import atomic_path
+
+BEST = "best.safetensors"
+STATE = "checkpoint.pt"
+
+
+def save_weights(model: nn.Module, run_dir: str | Path, name: str = BEST) -> Path:
+    path = Path(run_dir) / name
+    with atomic_path(path) as tmp:
+        save_model(model, str(tmp))
+    return path
+
+
+def load_weights(model: nn.Module, run_dir: str | Path, name: str = BEST) -> None:
+    path = Path(run_dir) / name
+    if not path.exists():
+        raise MMRecError(f"no weights at {path}: was the run trained to completion?")
+    missing, unexpected = load_model(model, str(path), strict=False, device=str(model_device(model)))
+    if missing or unexpected:
+        raise MMRecError(f"{path} does not fit the model: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def save_state(run_dir: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+               epoch: int, rng: np.random.Generator, selection: dict[str, Any],
+               history: list[dict[str, Any]]) -> Path:
+    """Everything needed to continue exactly after ``epoch`` (written atomically)."""
+    path = Path(run_dir) / STATE
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "epoch": epoch,
+        "numpy_rng": rng.bit_generator.state,
+        "torch_rng": torch.get_rng_state(),
+        "selection": selection,
+        "history": history,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def load_state(run_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / STATE
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,169 @@
+"""``mmrec train`` and ``mmrec evaluate`` as library calls: data -> split -> model -> metrics.json."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mmrec.datasets.features import align_features, read_features
+from mmrec.datasets.loading import load_dataset
+from mmrec.datasets.schema import Dataset
+from mmrec.datasets.splits import apply_split
+from mmrec.errors import MMRecError
+from mmrec.eval.protocols import evaluate as run_protocol
+from mmrec.io import atomic_path, write_json
+from mmrec.models.base import Recommender, create_model
+from mmrec.train.checkpoint import load_weights
+from mmrec.train.config import RunConfig, run_config_to_dict
+from mmrec.train.trainer import Trainer, resolve_device
+
+METRICS = "metrics.json"
+
+
+def prepare_data(cfg: RunConfig) -> Dataset:
+    """Load, split (seeded) and attach ``--features`` files: the same steps for train and evaluate."""
+    data = load_dataset(cfg.data, cfg.format, seed=cfg.seed, on_unseen=cfg.on_unseen)
+    data = apply_split(data, cfg.split, seed=cfg.seed, **cfg.split_args)
+    for path in cfg.features:
+        table, ids = read_features(path)
+        data.items.features[Path(path).stem] = align_features(table, ids, list(data.item_ids), source=path)
+    return data
+
+
+def make_evaluator(cfg: RunConfig):
+    """Closure used by the trainer for validation and by the runner for test."""
+
+    def evaluator(model: Recommender, data: Dataset, split: str, **kw: Any) -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            return run_protocol(model, data, protocol=cfg.protocol, split=split, ks=cfg.ks(),
+                                batch_size=cfg.train.eval_batch_size, n_neg=cfg.train.n_neg,
+                                seed=cfg.seed, **kw)
+
+    return evaluator
+
+
+def _cold_start(cfg: RunConfig, model: Recommender, data: Dataset) -> dict[str, Any] | None:
+    """Rank each user's held-out cold items among all cold items (content models' job)."""
+    if data.cold_items is None or len(data.cold_items) == 0:
+        return None
+    from mmrec.eval.protocols import evaluate_full
+    cold = torch.as_tensor(data.cold_items, dtype=torch.long)
+    model.eval()
+    with torch.no_grad():
+        metrics = evaluate_full(model, data, split="test", ks=cfg.ks() if cfg.protocol == "full" else [10, 20, 50],
+                                batch_size=cfg.train.eval_batch_size, items=cold)
+    return {**metrics, "n_items": int(len(cold))}
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Train, select on valid, evaluate the selected weights on test, write RUN/metrics.json."""
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    data = prepare_data(cfg)
+    device = resolve_device(cfg.device)
+    model = create_model(cfg.model, data, cfg.model_args).to(device)
+    save_run_config(cfg, run_dir)
+    evaluator = make_evaluator(cfg)
+    t0 = time.perf_counter()
+    result = Trainer(cfg, run_dir, evaluator).fit(model, data)
+    test = evaluator(model, data, "test")
+    metrics = {
+        "model": cfg.model,
+        "data": cfg.data,
+        "protocol": cfg.protocol,
+        "split": "test",
+        "metrics": test,
+        "valid": result.valid,
+        "best_epoch": result.best_epoch,
+        "epochs": result.epochs,
+        "train_seconds": round(result.train_seconds or (time.perf_counter() - t0), 3),
+        "seed": cfg.seed,
+        "split_kind": data.split,
+        "select": cfg.select_metric(),
+        "n_users": data.n_users,
+        "n_items": data.n_items,
+    }
+    cold = _cold_start(cfg, model, data)
+    if cold is not None:
+        metrics["cold_start"] = cold
+    if data.report:
+        metrics["data_report"] = data.report
+    write_json(run_dir / METRICS, metrics)
+    _write_item_embeddings(model, data, run_dir)
+    try:
+        from mmrec.train.report import plot_history
+        plot_history(result.history, run_dir / "curves.png", cfg.select_metric())
+    except ImportError:  # matplotlib is a core dependency; keep training usable without it
+        pass
+    return metrics
+
+
+def evaluate(run_dir: str | Path, data: str | None = None, protocol: str | None = None,
+             split: str = "test", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Re-evaluate a finished run (same data, split and seed unless overridden)."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    if data is not None:
+        cfg.data = data
+    if protocol is not None:
+        cfg.protocol = protocol
+    for k, v in (overrides or {}).items():
+        setattr(cfg, k, v)
+    ds = prepare_data(cfg)
+    model = create_model(cfg.model, ds, cfg.model_args).to(resolve_device(cfg.device))
+    model.fit(ds)
+    load_weights(model, run_dir)
+    values = make_evaluator(cfg)(model, ds, split)
+    path = run_dir / METRICS
+    previous: dict[str, Any] = {}
+    if path.exists():
+        import json
+        previous = json.loads(path.read_text())
+    out = {**previous, "model": cfg.model, "data": cfg.data, "protocol": cfg.protocol,
+           "split": split, "metrics": values, "seed": cfg.seed}
+    for key in ("valid", "best_epoch", "epochs", "train_seconds"):
+        out.setdefault(key, {} if key == "valid" else 0)
+    cold = _cold_start(cfg, model, ds) if split == "test" else None
+    if cold is not None:
+        out["cold_start"] = cold
+    else:
+        out.pop("cold_start", None)
+    write_json(path, out)
+    return out
+
+
+def save_run_config(cfg: RunConfig, run_dir: Path) -> None:
+    with atomic_path(run_dir / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False))
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    from mmrec.config import from_dict
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise MMRecError(f"{run_dir} is not a run directory (no config.yaml)")
+    return from_dict(RunConfig, yaml.safe_load(path.read_text()))
+
+
+def _write_item_embeddings(model: Recommender, data: Dataset, run_dir: Path) -> None:
+    """RUN/item_embeddings.safetensors: the alignment target for pre-training (issue: encoders)."""
+    with torch.no_grad():
+        model.prepare_eval()
+        emb = model.item_embeddings()
+    if emb is None:
+        return
+    from mmrec.datasets.features import write_features
+    from mmrec.datasets.schema import FeatureTable
+    emb = emb.detach().float().cpu()
+    write_features(run_dir / "item_embeddings.safetensors",
+                   FeatureTable(emb, torch.ones(len(emb), dtype=torch.bool), {"model": model.__class__.__name__}),
+                   list(data.item_ids))
+
+
+__all__ = ["train", "evaluate", "prepare_data"]

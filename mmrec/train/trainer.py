@@ -1,0 +1,156 @@
+"""The training loop: epochs of model-provided batches, selection on validation only.
+
+The loop knows nothing about particular models: it asks the model for batches
+(:meth:`Recommender.training_batches`) and a loss, evaluates the validation split
+with the run's protocol, keeps the best weights, stops early, and checkpoints every
+epoch so ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mmrec.datasets.schema import Dataset
+from mmrec.errors import MMRecError
+from mmrec.models.base import Recommender
+from mmrec.train.checkpoint import load_state, load_weights, save_state, save_weights
+from mmrec.train.config import RunConfig
+
+Evaluator = Callable[[Recommender, Dataset, str], dict[str, float]]
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int = 0
+    epochs: int = 0
+    valid: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    stopped_early: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """Fits one model on one (already split) dataset, writing into ``run_dir``."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, evaluator: Evaluator) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.evaluator = evaluator
+        self.select = cfg.select_metric()
+
+    def fit(self, model: Recommender, data: Dataset) -> TrainResult:
+        cfg, tc = self.cfg, self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        model.fit(data)
+        result = TrainResult()
+        t0 = time.perf_counter()
+
+        if not model.trainable or tc.epochs <= 0:
+            result.valid = self.evaluator(model, data, "valid")
+            save_weights(model, self.run_dir)
+            result.train_seconds = time.perf_counter() - t0
+            result.history.append({"epoch": 0, "valid": result.valid})
+            self._log(result.history[-1])
+            return result
+
+        optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        selection = {"best": -math.inf, "best_epoch": 0, "bad_evals": 0, "valid": {}}
+        start_epoch = 1
+        if cfg.resume:
+            state = load_state(self.run_dir)
+            if state is not None:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                rng.bit_generator.state = state["numpy_rng"]
+                torch.set_rng_state(state["torch_rng"])
+                selection = state["selection"]
+                result.history = state["history"]
+                start_epoch = state["epoch"] + 1
+                result.train_seconds = sum(h.get("seconds", 0.0) for h in result.history)
+                print(f"resuming {self.run_dir} after epoch {state['epoch']}")
+        elif (self.run_dir / "checkpoint.pt").exists():
+            (self.run_dir / "checkpoint.pt").unlink()  # a fresh run must not resume a stale state
+            log = self.run_dir / "log.jsonl"
+            if log.exists():
+                log.unlink()
+
+        epoch = start_epoch - 1
+        for epoch in range(start_epoch, tc.epochs + 1):
+            if selection["bad_evals"] >= tc.patience:
+                result.stopped_early = True
+                epoch -= 1
+                break
+            e0 = time.perf_counter()
+            loss = self._train_epoch(model, data, optimizer, rng, epoch)
+            record: dict[str, Any] = {"epoch": epoch, "loss": loss}
+            if epoch % tc.eval_every == 0 or epoch == tc.epochs:
+                valid = self.evaluator(model, data, "valid")
+                record["valid"] = valid
+                value = valid.get(self.select)
+                if value is None:
+                    raise MMRecError(f"selection metric '{self.select}' not among {sorted(valid)}")
+                if value > selection["best"]:
+                    selection.update(best=value, best_epoch=epoch, bad_evals=0, valid=valid)
+                    save_weights(model, self.run_dir)
+                else:
+                    selection["bad_evals"] += 1
+            record["seconds"] = time.perf_counter() - e0
+            result.history.append(record)
+            self._log(record)
+            save_state(self.run_dir, model=model, optimizer=optimizer, epoch=epoch, rng=rng,
+                       selection=selection, history=result.history)
+            result.train_seconds += record["seconds"]
+
+        result.epochs = epoch
+        result.best_epoch = selection["best_epoch"]
+        result.valid = selection["valid"]
+        if selection["best_epoch"] == 0:  # never evaluated (e.g. epochs < eval_every)
+            save_weights(model, self.run_dir)
+        load_weights(model, self.run_dir)
+        return result
+
+    def _train_epoch(self, model: Recommender, data: Dataset, optimizer: torch.optim.Optimizer,
+                     rng: np.random.Generator, epoch: int) -> float:
+        tc = self.cfg.train
+        model.train()
+        device = model.device
+        total, n = 0.0, 0
+        bar = tqdm(model.training_batches(data, tc.batch_size, rng), desc=f"epoch {epoch}",
+                   leave=False, disable=not tc.progress, unit="batch")
+        for batch in bar:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            optimizer.zero_grad(set_to_none=True)
+            loss = model.loss(batch)
+            if not torch.isfinite(loss):
+                raise MMRecError(f"loss became {loss.item()} at epoch {epoch}; lower the learning rate "
+                                 f"(train.lr={tc.lr}) or check the input features")
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            total += float(loss.detach())
+            n += 1
+            bar.set_postfix(loss=f"{total / n:.4f}")
+        model.eval()
+        return total / max(n, 1)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -1,0 +1,108 @@
+"""The train / evaluate skeleton: selection on valid, checkpoints, resume, metrics.json."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmrec.cli import main
+from mmrec.train.config import RunConfig, TrainSection
+from mmrec.train.run import evaluate, train
+
+CONTRACT_KEYS = {"model", "data", "protocol", "split", "metrics", "valid", "best_epoch", "epochs",
+                 "train_seconds", "seed"}
+
+
+def _cfg(data: Path, out: Path, model: str = "bprmf", **kw) -> RunConfig:
+    train_kw = dict(epochs=6, batch_size=128, lr=0.05, progress=False, patience=10)
+    train_kw.update(kw.pop("train", {}))
+    return RunConfig(model=model, data=str(data), out=str(out), train=TrainSection(**train_kw), **kw)
+
+
+def test_metrics_json_contract_and_bprmf_beats_pop(planted_dir: Path, tmp_path: Path):
+    pop = train(_cfg(planted_dir, tmp_path / "pop", model="pop"))
+    mf = train(_cfg(planted_dir, tmp_path / "mf", model_args={"dim": 16}))
+    saved = json.loads((tmp_path / "mf" / "metrics.json").read_text())
+    assert CONTRACT_KEYS <= set(saved)
+    assert saved["metrics"] == mf["metrics"]
+    assert {"Recall@20", "NDCG@20", "Precision@20", "MAP@20"} <= set(saved["metrics"])
+    assert 1 <= saved["best_epoch"] <= saved["epochs"] == 6
+    # planted clusters: an ID model must learn them, popularity cannot
+    assert mf["metrics"]["Recall@20"] > pop["metrics"]["Recall@20"] + 0.1
+    assert (tmp_path / "mf" / "best.safetensors").exists() and (tmp_path / "mf" / "curves.png").exists()
+
+
+def test_selection_uses_only_validation(planted_dir: Path, tmp_path: Path, monkeypatch):
+    import mmrec.train.run as run_mod
+    seen: list[str] = []
+    real = run_mod.run_protocol
+
+    def spy(model, data, protocol, split, **kw):
+        seen.append(split)
+        return real(model, data, protocol=protocol, split=split, **kw)
+
+    monkeypatch.setattr(run_mod, "run_protocol", spy)
+    train(_cfg(planted_dir, tmp_path / "r", train={"epochs": 3}))
+    assert seen[:-1] == ["valid"] * 3 and seen[-1] == "test"
+
+
+def test_same_seed_same_numbers(planted_dir: Path, tmp_path: Path):
+    a = train(_cfg(planted_dir, tmp_path / "a", seed=3))
+    b = train(_cfg(planted_dir, tmp_path / "b", seed=3))
+    assert a["metrics"] == b["metrics"] and a["valid"] == b["valid"]
+
+
+def test_resume_reaches_the_same_weights(planted_dir: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+    full = _cfg(planted_dir, tmp_path / "full", train={"epochs": 4})
+    train(full)
+    part = _cfg(planted_dir, tmp_path / "part", train={"epochs": 2})
+    train(part)
+    resumed = _cfg(planted_dir, tmp_path / "part", resume=True, train={"epochs": 4})
+    m = train(resumed)
+    assert m["epochs"] == 4
+    state_full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
+    state_res = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["model"]
+    for k in state_full:
+        assert torch.equal(state_full[k], state_res[k]), k
+    assert load_file(tmp_path / "full" / "best.safetensors").keys() == load_file(tmp_path / "part" / "best.safetensors").keys()
+
+
+def test_early_stopping_stops(planted_dir: Path, tmp_path: Path):
+    # lr 0 never improves after the first evaluation: patience 2 -> stops after epoch 3
+    m = train(_cfg(planted_dir, tmp_path / "r", train={"epochs": 20, "lr": 0.0, "patience": 2}))
+    assert m["epochs"] == 3 and m["best_epoch"] == 1
+
+
+def test_evaluate_reproduces_and_switches_protocol(planted_dir: Path, tmp_path: Path):
+    m = train(_cfg(planted_dir, tmp_path / "r"))
+    again = evaluate(tmp_path / "r")
+    assert again["metrics"] == pytest.approx(m["metrics"])
+    sampled = evaluate(tmp_path / "r", protocol="sampled")
+    assert sampled["protocol"] == "sampled" and "HR@10" in sampled["metrics"]
+    assert sampled["best_epoch"] == m["best_epoch"]  # training facts kept
+
+
+def test_cli_train_and_describe(planted_dir: Path, tmp_path: Path, capsys):
+    rc = main(["train", "--data", str(planted_dir), "--model", "bprmf", "--out", str(tmp_path / "r"),
+               "--epochs", "2", "--set", "model.dim=8", "--set", "train.progress=false", "--protocol", "sampled"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "HR@10" in out and "bprmf" in out
+    rc = main(["data", "describe", str(planted_dir), "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert rc == 0 and info["n_users"] == 80 and info["interactions"]["buy"] > 0
+    assert isinstance(info["n_items"], int)
+
+
+def test_cli_reports_errors_without_traceback(tmp_path: Path, capsys):
+    rc = main(["train", "--data", str(tmp_path / "nope"), "--model", "bprmf", "--out", str(tmp_path / "r")])
+    assert rc == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_unknown_model_is_clear(planted_dir: Path, tmp_path: Path, capsys):
+    rc = main(["train", "--data", str(planted_dir), "--model", "nosuch", "--out", str(tmp_path / "r")])
+    assert rc == 2 and "unknown model 'nosuch'" in capsys.readouterr().err
