@@ -38,11 +38,11 @@ def make_evaluator(cfg: RunConfig):
     """Closure used by the trainer for validation and by the runner for test."""
 
     def evaluator(model: Recommender, data: Dataset, split: str, **kw: Any) -> dict[str, float]:
+        opts: dict[str, Any] = {"n_neg": cfg.train.n_neg, "seed": cfg.seed} if cfg.protocol == "sampled" else {}
         model.eval()
         with torch.no_grad():
             return run_protocol(model, data, protocol=cfg.protocol, split=split, ks=cfg.ks(),
-                                batch_size=cfg.train.eval_batch_size, n_neg=cfg.train.n_neg,
-                                seed=cfg.seed, **kw)
+                                batch_size=cfg.train.eval_batch_size, **opts, **kw)
 
     return evaluator
 
