@@ -1,0 +1,215 @@
+"""Audio encoders: transformers audio models (AST, wav2vec2, Whisper's encoder) and a
+small log-mel CNN that runs on a CPU.
+
+Inputs are mono waveforms at ``sampling_rate`` (16 kHz): numpy arrays, ``(array, rate)``
+pairs, or paths of WAV files (read with scipy, resampled with a polyphase filter;
+torchaudio is not a dependency).
+"""
+
+from __future__ import annotations
+
+import inspect
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mmrec.encoders.base import Batch, Encoder, check_embed_input
+from mmrec.encoders.weights import Pretrained, load_hf_model, load_weights, resolve_pretrained
+from mmrec.errors import ConfigError, DataError
+from mmrec.registry import ENCODERS
+
+AudioLike = np.ndarray | Tensor | tuple | str | Path
+
+#: Short names for transformers audio model types.
+MODEL_TYPE_ALIASES = {"ast": "audio-spectrogram-transformer"}
+
+
+def load_waveform(x: AudioLike, sampling_rate: int, index: int = 0) -> np.ndarray:
+    """A mono float32 waveform at ``sampling_rate``."""
+    from scipy.signal import resample_poly
+
+    rate = sampling_rate
+    where = None
+    try:
+        if x is None:
+            raise ValueError("no audio; mask it instead of encoding it")
+        if isinstance(x, tuple):
+            x, rate = x
+        if isinstance(x, (str, Path)):
+            from scipy.io import wavfile
+            where = x
+            rate, data = wavfile.read(str(x))
+            if np.issubdtype(data.dtype, np.integer):
+                data = data.astype(np.float32) / float(np.iinfo(data.dtype).max)
+            x = data
+        wav = np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x, dtype=np.float32)
+        if wav.ndim == 2:  # (channels, n) or (n, channels): average the short axis
+            wav = wav.mean(axis=int(np.argmin(wav.shape)))
+        if wav.ndim != 1 or wav.size == 0:
+            raise ValueError(f"expected a non-empty mono waveform, got shape {wav.shape}")
+    except (OSError, ValueError, TypeError) as e:
+        raise DataError(f"cannot read audio of item {index}: {e}", file=where, field="audio") from e
+    if int(rate) != sampling_rate:
+        frac = Fraction(sampling_rate, int(rate))
+        wav = resample_poly(wav, frac.numerator, frac.denominator).astype(np.float32)
+    return wav
+
+
+@ENCODERS.register("audio/hf")
+class HFAudioEncoder(Encoder):
+    """A transformers audio model with its feature extractor + pooling + head.
+
+    ``name``: a local model directory (weights + preprocessor config) or a model type
+    (``"ast"``, ``"wav2vec2"``, ``"whisper"``) built from ``config`` (dict) at random
+    init, whose feature extractor is built from ``feature_extractor`` (dict of kwargs,
+    e.g. ``{"max_length": 128}`` for a small AST, ``{"chunk_length": 2}`` for a small
+    Whisper). Encoder-decoder models keep only the encoder. Pooling: the model's
+    pooler when it has one (AST), else a mean over the frames that are not padding.
+    """
+
+    modality = "audio"
+
+    def __init__(self, name: str, pretrained: Pretrained | str = None, embed_dim: int | None = 256,
+                 head: str = "linear", config: Any = None, feature_extractor: Any = None,
+                 sampling_rate: int = 16000) -> None:
+        super().__init__()
+        import transformers
+        from transformers import AutoFeatureExtractor
+        from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES
+
+        name = MODEL_TYPE_ALIASES.get(name, name)
+        model, src_dir = load_hf_model("audio", name, pretrained, config)
+        cfg = model.config
+        if isinstance(feature_extractor, (str, Path)):
+            self.feature_extractor = AutoFeatureExtractor.from_pretrained(str(feature_extractor), local_files_only=True)
+        elif src_dir is not None and feature_extractor is None:
+            self.feature_extractor = AutoFeatureExtractor.from_pretrained(str(src_dir), local_files_only=True)
+        else:
+            cls_name = FEATURE_EXTRACTOR_MAPPING_NAMES.get(cfg.model_type)
+            if cls_name is None:
+                raise ConfigError(f"no feature extractor is known for model type '{cfg.model_type}'")
+            self.feature_extractor = getattr(transformers, cls_name)(**dict(feature_extractor or {}))
+        fe_rate = getattr(self.feature_extractor, "sampling_rate", sampling_rate)
+        if fe_rate != sampling_rate:
+            raise ConfigError(f"the feature extractor expects {fe_rate} Hz, sampling_rate={sampling_rate}")
+        self.sampling_rate = sampling_rate
+        self.backbone = model.get_encoder() if cfg.is_encoder_decoder else model
+        # fixed-length extractors (Whisper: n_samples) pad to their length, others to the longest
+        self._padding: bool | str = "max_length" if getattr(self.feature_extractor, "n_samples", None) else True
+        # the padding mask is always used for pooling, but goes into the model only when its
+        # extractor says the model was trained with one (wav2vec2-base was not)
+        forward_args = set(inspect.signature(self.backbone.forward).parameters)
+        self._model_inputs = set(self.feature_extractor.model_input_names) & forward_args
+        if not getattr(self.feature_extractor, "return_attention_mask", True):
+            self._model_inputs.discard("attention_mask")
+        self._init_head(cfg.hidden_size, embed_dim, head)
+
+    def preprocess(self, raw: Sequence[AudioLike]) -> Batch:
+        check_embed_input(raw, "waveforms")
+        wavs = [load_waveform(x, self.sampling_rate, i) for i, x in enumerate(raw)]
+        out = self.feature_extractor(wavs, sampling_rate=self.sampling_rate, padding=self._padding,
+                                     return_attention_mask=True, return_tensors="pt")
+        return {k: v for k, v in out.items() if isinstance(v, Tensor)}
+
+    def encode(self, batch: Batch) -> Tensor:
+        inputs = {k: v for k, v in batch.items() if k in self._model_inputs}
+        out = self.backbone(**inputs)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is not None:
+            return pooled
+        hidden = out.last_hidden_state
+        mask = batch.get("attention_mask")
+        if mask is None:
+            return hidden.mean(1)
+        if hasattr(self.backbone, "_get_feature_vector_attention_mask"):  # wav2vec2-style conv front end
+            frames = self.backbone._get_feature_vector_attention_mask(hidden.shape[1], mask)
+        elif mask.shape[1] % hidden.shape[1] == 0:  # Whisper: mel frames downsampled by a stride
+            frames = mask[:, :: mask.shape[1] // hidden.shape[1]]
+        else:
+            return hidden.mean(1)
+        m = frames.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class LogMel(nn.Module):
+    """Log-mel spectrogram with ``torch.stft`` and a Slaney mel filterbank.
+
+    ``log(mel(|STFT|^2) + eps)``; the filterbank comes from transformers'
+    ``audio_utils.mel_filter_bank`` (the one its Whisper/AST extractors use).
+    """
+
+    def __init__(self, sampling_rate: int = 16000, n_fft: int = 400, hop_length: int = 160, n_mels: int = 64) -> None:
+        super().__init__()
+        from transformers.audio_utils import mel_filter_bank
+
+        fb = mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=n_mels, min_frequency=0.0,
+                             max_frequency=sampling_rate / 2, sampling_rate=sampling_rate,
+                             norm="slaney", mel_scale="slaney")
+        self.register_buffer("filters", torch.from_numpy(np.asarray(fb, dtype=np.float32)), persistent=False)
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        self.n_fft, self.hop_length = n_fft, hop_length
+
+    def forward(self, wav: Tensor) -> Tensor:
+        """``[B, samples]`` -> ``[B, n_mels, frames]`` with ``frames = samples // hop + 1``."""
+        spec = torch.stft(wav, self.n_fft, self.hop_length, window=self.window, center=True, return_complex=True)
+        power = spec.abs() ** 2  # [B, freq, frames]
+        return torch.log(torch.einsum("fm,bft->bmt", self.filters, power) + 1e-6)
+
+
+@ENCODERS.register("audio/logmel-cnn")
+class LogMelCNNEncoder(Encoder):
+    """A small CNN over log-mel spectrograms: the CPU default for audio.
+
+    Blocks of conv3x3-BN-ReLU-maxpool(2); the last feature map is averaged over
+    frequency and over the frames that are not padding.
+    """
+
+    modality = "audio"
+
+    def __init__(self, name: str = "logmel-cnn", pretrained: Pretrained | str = None, embed_dim: int | None = 256,
+                 head: str = "linear", sampling_rate: int = 16000, n_mels: int = 64, n_fft: int = 400,
+                 hop_length: int = 160, channels: Sequence[int] = (32, 64, 128), max_seconds: float = 10.0) -> None:
+        super().__init__()
+        self.sampling_rate = sampling_rate
+        self.max_samples = int(max_seconds * sampling_rate)
+        # preprocessing runs on the CPU in loader workers: keep it out of the module tree
+        # so that ``.to(device)`` leaves it there
+        object.__setattr__(self, "logmel", LogMel(sampling_rate, n_fft, hop_length, n_mels))
+        layers: list[nn.Module] = []
+        c_in = 1
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2, ceil_mode=True)]
+            c_in = c
+        self.backbone = nn.Sequential(nn.BatchNorm2d(1), *layers)
+        self.n_pool = len(channels)
+        weights = resolve_pretrained("audio", "logmel-cnn", pretrained)
+        if weights is not None:
+            load_weights(self.backbone, weights)
+        self._init_head(channels[-1], embed_dim, head)
+
+    def preprocess(self, raw: Sequence[AudioLike]) -> Batch:
+        check_embed_input(raw, "waveforms")
+        wavs = [load_waveform(x, self.sampling_rate, i)[: self.max_samples] for i, x in enumerate(raw)]
+        n = max(len(w) for w in wavs)
+        wav = torch.zeros(len(wavs), n)
+        for i, w in enumerate(wavs):
+            wav[i, : len(w)] = torch.from_numpy(w)
+        with torch.no_grad():
+            feats = self.logmel(wav)
+        hop = self.logmel.hop_length
+        lengths = torch.tensor([len(w) // hop + 1 for w in wavs])
+        mask = torch.arange(feats.shape[-1])[None, :] < lengths[:, None]
+        return {"input_features": feats, "attention_mask": mask}
+
+    def encode(self, batch: Batch) -> Tensor:
+        x = self.backbone(batch["input_features"].unsqueeze(1)).mean(2)  # [B, C, frames']
+        mask = batch["attention_mask"].to(x.dtype)
+        for _ in range(self.n_pool):  # follow the frames through each ceil-mode max-pool
+            mask = nn.functional.max_pool1d(mask.unsqueeze(1), 2, ceil_mode=True).squeeze(1)
+        m = mask.unsqueeze(1)
+        return (x * m).sum(-1) / m.sum(-1).clamp(min=1.0)
