@@ -127,23 +127,24 @@ class FeatureTable:
 class ItemContent:
     """What items look like, per modality; every list has one entry per item.
 
-    ``image`` entries are absolute paths or raw bytes (None: no image), ``audio``
-    absolute paths (None: none), ``text`` maps a column name to strings ('' missing).
+    ``image`` / ``audio`` entries are absolute paths or raw encoded bytes (PNG/JPEG,
+    WAV; None: no such content); the sequences may be lazy (the synthetic world renders
+    on indexing). ``text`` maps a column name to strings ('' missing).
     """
 
     text: dict[str, list[str]] = field(default_factory=dict)
-    image: list[str | bytes | None] | None = None
-    audio: list[str | None] | None = None
+    image: Sequence[str | bytes | None] | None = None
+    audio: Sequence[str | bytes | None] | None = None
     features: dict[str, FeatureTable] = field(default_factory=dict)
 
     def modalities(self) -> list[str]:
         """Modalities with raw content or precomputed features."""
         out = []
-        if self.image is not None and any(x is not None for x in self.image):
+        if self.image is not None and n_present(self.image):
             out.append("image")
         if self.text:
             out.append("text")
-        if self.audio is not None and any(x is not None for x in self.audio):
+        if self.audio is not None and n_present(self.audio):
             out.append("audio")
         for m in self.features:
             if m not in out:
@@ -296,9 +297,9 @@ class Dataset:
                 ft = self.items.features[m]
                 entry["features"] = {"dim": ft.dim, "present": int(ft.mask.sum())}
             if m == "image" and self.items.image is not None:
-                entry["raw"] = sum(x is not None for x in self.items.image)
+                entry["raw"] = n_present(self.items.image)
             if m == "audio" and self.items.audio is not None:
-                entry["raw"] = sum(x is not None for x in self.items.audio)
+                entry["raw"] = n_present(self.items.audio)
             if m == "text" and self.items.text:
                 entry["columns"] = list(self.items.text)
                 first = next(iter(self.items.text.values()))
@@ -314,6 +315,14 @@ class Dataset:
         if self.report:
             out["report"] = self.report
         return out
+
+
+def n_present(content: Sequence[Any]) -> int:
+    """Entries that are not None; lazy sequences report it without rendering (``n_present``)."""
+    known = getattr(content, "n_present", None)
+    if known is not None:
+        return int(known() if callable(known) else known)
+    return sum(x is not None for x in content)
 
 
 def _binary_csr(user: np.ndarray, item: np.ndarray, n_users: int, n_items: int) -> sp.csr_matrix:
