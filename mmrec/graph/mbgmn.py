@@ -1,0 +1,374 @@
+"""MB-GMN: Graph Meta Network for Multi-Behavior Recommendation (Xia et al., SIGIR 2021).
+
+Reference code: github.com/akaxlh/MB-GMN (TensorFlow; ``labcode.py``: ``metaForSpecialize``,
+``specialize``, ``defineModel``, ``metaForPredict``, ``_predict``; ``NNLayers.lightSelfAttention``).
+Three parts:
+
+* **Meta-knowledge learner**: for behavior k and node v, meta-knowledge
+  ``φ([b_k ‖ e_v ‖ Σ_{j∈N_k(v)} ê_j])`` generates a node- and behavior-specific
+  low-rank transform ``W_{v,k} = W¹_{v,k} W²_{v,k}`` that specialises the node embedding.
+* **Behavior-aware graph meta network**: one graph branch per behavior on the
+  specialised embeddings, plus a multi-behavior branch whose every layer propagates on
+  each behavior's graph and mixes the K messages with multi-head self-attention
+  across behaviors.
+* **Meta prediction network**: for a source representation (any of the K+1 branches)
+  and a target behavior, the pair's meta-knowledge generates the weights of a
+  per-sample two-layer predictor. Trained with a pairwise hinge loss over every
+  (source, target) combination; the target behavior is scored from the
+  multi-behavior branch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmrec.datasets.schema import Dataset
+from mmrec.errors import ConfigError
+from mmrec.graph.multibehavior_sampling import multibehavior_batches
+from mmrec.graph.propagation import (GraphRecommender, SparseGraphs, behavior_adjacencies, embedding_and_fc_l2,
+                                     item_content_projection)
+from mmrec.models.base import ModelConfig
+from mmrec.registry import MODELS
+
+
+@dataclass
+class MBGMNConfig(ModelConfig):
+    """Defaults: akaxlh/MB-GMN ``Params.py`` (Beibei; README: ``rank 2`` for Tmall and IJCAI)."""
+
+    dim: int = 16               # latdim 32 // 2: ID embedding size; branch representations are 2*dim
+    layers: int = 2             # gnn_layer
+    rank: int = 4               # rank of the generated transforms W¹ [d, r], W² [r, d]
+    heads: int = 2              # att_head of the behavior self-attention
+    reg: float = 1e-2           # × Σ‖θ‖² of embedding tables and FC weights (the code's Regularize())
+    mult: float = 100.0         # score multiplier of the reference code (args.mult)
+    leaky: float = 0.1          # LeakyReLU slope of the reference NNLayers
+    margin: float = 1.0         # hinge margin: max(0, margin - (ŷ_pos - ŷ_neg))
+    target_weight: float = 1.0  # weight of the terms whose target is the target behavior (code: 1)
+    samples_per_user: int = 40  # sampNum
+    users_per_epoch: int = 0    # trnNum (code: 10000); 0 = every user with an interaction
+    score_chunk: int = 16384    # pairs per chunk when scoring without gradients (bounds memory)
+    use_features: bool = False
+    features: list[str] | None = None
+
+
+def _xavier_bias(bias: Tensor) -> None:
+    """The reference's ``biasInitializer='xavier'``: a [1, out] xavier draw."""
+    bound = math.sqrt(6.0 / (1 + bias.numel()))
+    nn.init.uniform_(bias, -bound, bound)
+
+
+class LowRankGenerator(nn.Module):
+    """Generates per-node factors W¹ [N, d, r] and W² [N, r, d] from meta-knowledge [N, d]."""
+
+    def __init__(self, dim: int, rank: int) -> None:
+        super().__init__()
+        self.dim, self.rank = dim, rank
+        self.first = nn.Linear(dim, dim * rank)
+        self.second = nn.Linear(dim, rank * dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin in (self.first, self.second):
+            nn.init.xavier_uniform_(lin.weight)
+            _xavier_bias(lin.bias)
+
+    def forward(self, meta: Tensor, x: Tensor) -> Tensor:
+        """x [N, d] -> (x W¹) W² [N, d]."""
+        w1 = self.first(meta).view(-1, self.dim, self.rank)
+        w2 = self.second(meta).view(-1, self.rank, self.dim)
+        return torch.bmm(torch.bmm(x.unsqueeze(1), w1), w2).squeeze(1)
+
+
+class MetaKnowledgeLearner(nn.Module):
+    r"""Behavior-specific node specialisation (reference ``metaForSpecialize`` + ``specialize``).
+
+    .. math::
+        \mathbf{m}_{v,k} = \sigma\big(\mathbf{W}_m[\mathbf{b}_k \,\|\, \mathbf{e}_v \,\|\,
+            \textstyle\sum_{j\in\mathcal{N}_k(v)} \hat{A}^k_{vj}\mathbf{e}_j] + \mathbf{c}\big),\qquad
+        \tilde{\mathbf{e}}_{v,k} = \big[\mathbf{e}_v \mathbf{W}^{1}(\mathbf{m}_{v,k})\,\mathbf{W}^{2}(\mathbf{m}_{v,k})
+            \,\|\, \mathbf{e}_v\big]
+
+    σ = LeakyReLU. The meta layer is shared by users and items; users and items have
+    their own generators (``specMeta_FC2..5``). Output dim: 2d.
+    """
+
+    def __init__(self, dim: int, rank: int, leaky: float = 0.1) -> None:
+        super().__init__()
+        self.meta = nn.Linear(3 * dim, dim)
+        self.user_gen = LowRankGenerator(dim, rank)
+        self.item_gen = LowRankGenerator(dim, rank)
+        self.leaky = leaky
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.meta.weight)
+        nn.init.zeros_(self.meta.bias)
+        self.user_gen.reset_parameters()
+        self.item_gen.reset_parameters()
+
+    def forward(self, ego: Tensor, neighbors: Tensor, behavior: Tensor, n_users: int) -> Tensor:
+        """ego, neighbors [U+I, d], behavior embedding [d] -> specialised [U+I, 2d]."""
+        meta = F.leaky_relu(self.meta(torch.cat([behavior.expand_as(ego), ego, neighbors], -1)), self.leaky)
+        spec = torch.cat([self.user_gen(meta[:n_users], ego[:n_users]),
+                          self.item_gen(meta[n_users:], ego[n_users:])])
+        return torch.cat([spec, ego], -1)
+
+
+class BehaviorSelfAttention(nn.Module):
+    r"""Multi-head self-attention across the K behavior messages of a node (``lightSelfAttention``).
+
+    .. math::
+        a^{h}_{kj} = \operatorname{softmax}_j\Big(\frac{\langle (\mathbf{m}_k\mathbf{Q})^{h},
+            (\mathbf{m}_j\mathbf{Q})^{h}\rangle}{\sqrt{D/H}}\Big),\qquad
+        \mathbf{o}_k = \big\Vert_{h}\sum_j a^{h}_{kj}\,\mathbf{m}^{h}_j + \mathbf{m}_k
+
+    Queries and keys share one projection Q; values are the messages themselves.
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ConfigError(f"representation size {dim} is not divisible by model.heads={heads}")
+        self.heads = heads
+        self.Q = nn.Parameter(torch.empty(dim, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.Q)
+
+    def attention(self, msgs: Tensor) -> Tensor:
+        """Attention [N, H, K(query), K(key)] of messages [N, K, D]; rows sum to 1."""
+        n, k, d = msgs.shape
+        q = (msgs @ self.Q).view(n, k, self.heads, d // self.heads)
+        return torch.einsum("nkhc,njhc->nhkj", q, q).div(math.sqrt(d / self.heads)).softmax(-1)
+
+    def forward(self, msgs: Tensor) -> Tensor:
+        n, k, d = msgs.shape
+        att = self.attention(msgs)
+        v = msgs.view(n, k, self.heads, d // self.heads)
+        return torch.einsum("nhkj,njhc->nkhc", att, v).reshape(n, k, d) + msgs
+
+
+class GraphMetaNetwork(nn.Module):
+    r"""Behavior-aware graph meta network: K behavior branches + one multi-behavior branch.
+
+    Behavior branch k (on the specialised :math:`\tilde{E}_k`):
+    :math:`\mathbf{h}^{(l)} = \sigma(\hat{A}^k\mathbf{h}^{(l-1)}) + \mathbf{h}^{(l-1)}`.
+    Multi-behavior branch (on :math:`\tilde{E}_{K+1}`, meta-knowledge from all behaviors):
+    :math:`\mathbf{h}^{(l)} = \sum_k \mathrm{SelfAtt}_l\big([\sigma(\hat{A}^{k'}\mathbf{h}^{(l-1)})]_{k'}\big)_k`.
+    Each branch returns :math:`\sum_{l=0}^{L}\mathbf{h}^{(l)}`; users and items have their own attention.
+    """
+
+    def __init__(self, dim: int, n_behaviors: int, layers: int, rank: int, heads: int, leaky: float) -> None:
+        super().__init__()
+        self.n_behaviors, self.layers, self.leaky = n_behaviors, layers, leaky
+        self.behavior_emb = nn.Parameter(torch.empty(n_behaviors + 1, dim))
+        self.meta = MetaKnowledgeLearner(dim, rank, leaky)
+        self.user_att = nn.ModuleList(BehaviorSelfAttention(2 * dim, heads) for _ in range(layers))
+        self.item_att = nn.ModuleList(BehaviorSelfAttention(2 * dim, heads) for _ in range(layers))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.behavior_emb)
+        self.meta.reset_parameters()
+        for att in (*self.user_att, *self.item_att):
+            att.reset_parameters()
+
+    def messages(self, graphs: SparseGraphs, h: Tensor) -> Tensor:
+        """σ(Â_k h) of every behavior k, stacked [N, K, D]."""
+        return torch.stack([F.leaky_relu(graphs.propagate(k, h), self.leaky) for k in range(len(graphs))], 1)
+
+    def attend(self, layer: int, msgs: Tensor, n_users: int) -> Tensor:
+        """Self-attention across behaviors (users and items apart), summed over behaviors."""
+        return torch.cat([self.user_att[layer](msgs[:n_users]).sum(1), self.item_att[layer](msgs[n_users:]).sum(1)])
+
+    def forward(self, ego: Tensor, graphs: SparseGraphs, n_users: int) -> Tensor:
+        """[K+1, U+I, 2d]: branches 0..K-1 per behavior, branch K multi-behavior."""
+        neighbors = [graphs.propagate(k, ego) for k in range(len(graphs))]
+        outs = []
+        for k in range(len(graphs)):
+            h = self.meta(ego, neighbors[k], self.behavior_emb[k], n_users)
+            total = h
+            for _ in range(self.layers):
+                h = F.leaky_relu(graphs.propagate(k, h), self.leaky) + h
+                total = total + h
+            outs.append(total)
+        h = self.meta(ego, sum(neighbors), self.behavior_emb[-1], n_users)
+        total = h
+        for layer in range(self.layers):
+            h = self.attend(layer, self.messages(graphs, h), n_users)
+            total = total + h
+        outs.append(total)
+        return torch.stack(outs)
+
+
+class MetaPredictionNetwork(nn.Module):
+    r"""Per-sample predictor whose weights are generated from the pair (``metaForPredict``).
+
+    .. math::
+        \mathbf{x}_s = [\mathbf{u}_s\odot\mathbf{i}_s \,\|\, \mathbf{u}_s \,\|\, \mathbf{i}_s],\
+        \mathbf{z}_s = \sigma(\mathbf{W}_p\mathbf{x}_s),\
+        \mathbf{m} = \sigma(\mathbf{W}_q[\mathbf{z}_s\odot\mathbf{z}_t \,\|\, \mathbf{z}_s \,\|\, \mathbf{z}_t]),
+
+    .. math::
+        \hat{y} = \mathbf{w}_2(\mathbf{m})^{\top}\,
+            \sigma\big(\mathbf{W}_1(\mathbf{m})^{\top}\mathbf{x}_s + \mathbf{b}_1(\mathbf{m})\big)
+
+    s is the source representation (the one scored), t the target behavior's; W₁ [3D, D],
+    b₁ [D] and w₂ [D] are generated per sample by linear layers of m.
+    """
+
+    def __init__(self, dim: int, leaky: float = 0.1) -> None:
+        super().__init__()
+        self.dim, self.leaky = dim, leaky
+        self.pair = nn.Linear(3 * dim, dim)
+        self.meta = nn.Linear(3 * dim, 3 * dim)
+        self.gen_w1 = nn.Linear(3 * dim, 3 * dim * dim)
+        self.gen_b1 = nn.Linear(3 * dim, dim)
+        self.gen_w2 = nn.Linear(3 * dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin in (self.pair, self.meta, self.gen_w1, self.gen_b1, self.gen_w2):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        _xavier_bias(self.gen_w1.bias)
+        _xavier_bias(self.gen_w2.bias)
+
+    @staticmethod
+    def _features(u: Tensor, i: Tensor) -> Tensor:
+        return torch.cat([u * i, u, i], -1)
+
+    def forward(self, su: Tensor, si: Tensor, tu: Tensor, ti: Tensor) -> Tensor:
+        """Scores [P] of source pairs (su, si) given target pairs (tu, ti), all [P, D]."""
+        act = lambda x: F.leaky_relu(x, self.leaky)  # noqa: E731
+        x = self._features(su, si)
+        zs, zt = act(self.pair(x)), act(self.pair(self._features(tu, ti)))
+        m = act(self.meta(torch.cat([zs * zt, zs, zt], -1)))
+        w1 = self.gen_w1(m).view(-1, 3 * self.dim, self.dim)
+        hidden = act(torch.bmm(x.unsqueeze(1), w1).squeeze(1) + self.gen_b1(m))
+        return (hidden * self.gen_w2(m)).sum(-1)
+
+
+@MODELS.register("mbgmn")
+class MBGMN(GraphRecommender):
+    """Meta-knowledge learner + graph meta network + meta prediction network, hinge-trained."""
+
+    config_class: ClassVar[type] = MBGMNConfig
+
+    def __init__(self, n_users: int, n_items: int, graphs: SparseGraphs, target: int, config: MBGMNConfig,
+                 content: nn.Module | None = None) -> None:
+        super().__init__()
+        if config.layers < 0 or config.rank < 1 or config.score_chunk < 1:
+            raise ConfigError("model.layers must be >= 0, model.rank and model.score_chunk >= 1")
+        self.config = config
+        self.n_users, self.n_items = n_users, n_items
+        self.n_behaviors = len(graphs)
+        self.target = target
+        self.graphs = graphs
+        self.user_emb = nn.Embedding(n_users, config.dim)
+        self.item_emb = nn.Embedding(n_items, config.dim)
+        self.content = content
+        self.encoder = GraphMetaNetwork(config.dim, self.n_behaviors, config.layers, config.rank,
+                                        config.heads, config.leaky)
+        self.predictor = MetaPredictionNetwork(2 * config.dim, config.leaky)
+        weights = torch.ones(self.n_behaviors)
+        weights[target] = config.target_weight
+        self.register_buffer("target_weights", weights, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.user_emb.weight)
+        nn.init.xavier_uniform_(self.item_emb.weight)
+        self.encoder.reset_parameters()
+        self.predictor.reset_parameters()
+        if self.content is not None:
+            self.content.reset_parameters()
+
+    @classmethod
+    def from_dataset(cls, data: Dataset, config: MBGMNConfig) -> "MBGMN":
+        content = item_content_projection(data, config.use_features, config.dim, config.features)
+        return cls(data.n_users, data.n_items, behavior_adjacencies(data, "sym"), data.target_index,
+                   config, content)
+
+    def training_batches(self, data: Dataset, batch_size: int, rng: np.random.Generator) -> Iterator[dict[str, Tensor]]:
+        """Per-behavior triples for ``batch_size`` users (``samples_per_user`` each, as the reference)."""
+        yield from multibehavior_batches([data.matrix(b) for b in range(data.n_behaviors)], batch_size,
+                                         self.config.samples_per_user, rng, self.config.users_per_epoch)
+
+    # -- forward ------------------------------------------------------------------
+    def ego_embeddings(self) -> Tensor:
+        items = self.item_emb.weight
+        if self.content is not None:
+            items = items + self.content()
+        return torch.cat([self.user_emb.weight, items])
+
+    def compute_representations(self) -> tuple[Tensor]:
+        return (self.encoder(self.ego_embeddings(), self.graphs, self.n_users),)  # [K+1, U+I, 2d]
+
+    def behavior_attention(self) -> list[Tensor]:
+        """Attention [N, H, K, K] of the multi-behavior branch per layer (users then items; for tests)."""
+        out = []
+        enc, g, n_users = self.encoder, self.graphs, self.n_users
+        ego = self.ego_embeddings()
+        h = enc.meta(ego, sum(g.propagate(k, ego) for k in range(len(g))), enc.behavior_emb[-1], n_users)
+        for layer in range(self.config.layers):
+            msgs = enc.messages(g, h)
+            out.append(torch.cat([enc.user_att[layer].attention(msgs[:n_users]),
+                                  enc.item_att[layer].attention(msgs[n_users:])]))
+            h = enc.attend(layer, msgs, n_users)
+        return out
+
+    def regularizer(self) -> Tensor:
+        """Σ‖θ‖² of what the reference regularises: embedding tables and FC weights."""
+        return embedding_and_fc_l2(self)
+
+    def _predict(self, reps: Tensor, src: Tensor, tgt: Tensor, users: Tensor, items: Tensor) -> Tensor:
+        """mult · ŷ for rows (src branch, tgt behavior, user, item), all [P]."""
+        item_nodes = items + self.n_users
+        return self.config.mult * self.predictor(reps[src, users], reps[src, item_nodes],
+                                                 reps[tgt, users], reps[tgt, item_nodes])
+
+    def loss(self, batch: dict[str, Tensor]) -> Tensor:
+        (reps,) = self._fresh()
+        u, i, j, b = batch["user"], batch["pos"], batch["neg"], batch["behavior"]
+        n_src = self.n_behaviors + 1
+        src = torch.arange(n_src, device=u.device).repeat_interleave(len(u))  # every source × every row
+        rows = lambda x: x.repeat(n_src)  # noqa: E731
+        pos = self._predict(reps, src, rows(b), rows(u), rows(i))
+        neg = self._predict(reps, src, rows(b), rows(u), rows(j))
+        hinge = F.relu(self.config.margin - (pos - neg))
+        counts = torch.bincount(b, minlength=self.n_behaviors).clamp(min=1).to(hinge.dtype)
+        row_w = rows(self.target_weights[b] / counts[b])  # Σ_src Σ_tgt w_tgt · mean over tgt's pairs
+        return (hinge * row_w).sum() + self.config.reg * self.regularizer()
+
+    # -- scoring ------------------------------------------------------------------
+    def _target_scores(self, users: Tensor, items: Tensor) -> Tensor:
+        """Target-behavior scores from the multi-behavior branch for flat pairs, chunked without grad."""
+        (reps,) = self.representations()
+        src = torch.full_like(users, self.n_behaviors)
+        tgt = torch.full_like(users, self.target)
+        if torch.is_grad_enabled():
+            return self._predict(reps, src, tgt, users, items)
+        c = self.config.score_chunk
+        return torch.cat([self._predict(reps, src[s:s + c], tgt[s:s + c], users[s:s + c], items[s:s + c])
+                          for s in range(0, len(users), c)]) if len(users) else reps.new_zeros(0)
+
+    def score(self, users: Tensor, items: Tensor) -> Tensor:
+        B, k = items.shape
+        return self._target_scores(users.repeat_interleave(k), items.reshape(-1)).view(B, k)
+
+    def score_all(self, users: Tensor) -> Tensor:
+        items = torch.arange(self.n_items, device=users.device).expand(len(users), -1)
+        return self.score(users, items)
+
+    def item_embeddings(self) -> Tensor:
+        (reps,) = self.representations()
+        return reps[-1, self.n_users:]
