@@ -54,13 +54,14 @@ def test_same_seed_same_numbers(planted_dir: Path, tmp_path: Path):
     assert a["metrics"] == b["metrics"] and a["valid"] == b["valid"]
 
 
-def test_resume_reaches_the_same_weights(planted_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize("lr_decay", [1.0, 0.5])
+def test_resume_reaches_the_same_weights(planted_dir: Path, tmp_path: Path, lr_decay: float):
     from safetensors.torch import load_file
-    full = _cfg(planted_dir, tmp_path / "full", train={"epochs": 4})
+    full = _cfg(planted_dir, tmp_path / "full", train={"epochs": 4, "lr_decay": lr_decay})
     train(full)
-    part = _cfg(planted_dir, tmp_path / "part", train={"epochs": 2})
+    part = _cfg(planted_dir, tmp_path / "part", train={"epochs": 2, "lr_decay": lr_decay})
     train(part)
-    resumed = _cfg(planted_dir, tmp_path / "part", resume=True, train={"epochs": 4})
+    resumed = _cfg(planted_dir, tmp_path / "part", resume=True, train={"epochs": 4, "lr_decay": lr_decay})
     m = train(resumed)
     assert m["epochs"] == 4
     state_full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]

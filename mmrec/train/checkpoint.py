@@ -44,13 +44,14 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def save_state(run_dir: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-               epoch: int, rng: np.random.Generator, selection: dict[str, Any],
+               epoch: int, scheduler: Any = None, rng: np.random.Generator, selection: dict[str, Any],
                history: list[dict[str, Any]]) -> Path:
     """Everything needed to continue exactly after ``epoch`` (written atomically)."""
     path = Path(run_dir) / STATE
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "epoch": epoch,
         "numpy_rng": rng.bit_generator.state,
         "torch_rng": torch.get_rng_state(),

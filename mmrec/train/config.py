@@ -32,6 +32,7 @@ class TrainSection:
     batch_size: int = 2048
     lr: float = 1e-3
     weight_decay: float = 0.0
+    lr_decay: float = 1.0       # learning rate multiplied by this after every epoch (CIGF/MB-GMN: 0.96)
     eval_every: int = 1
     patience: int = 5           # evaluations without improvement on valid before stopping
     select: str | None = None   # metric selected on valid; default Recall@20 (full) / NDCG@10 (sampled)

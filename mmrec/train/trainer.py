@@ -71,6 +71,7 @@ class Trainer:
             return result
 
         optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=tc.lr_decay)
         selection = {"best": -math.inf, "best_epoch": 0, "bad_evals": 0, "valid": {}}
         start_epoch = 1
         if cfg.resume:
@@ -78,6 +79,8 @@ class Trainer:
             if state is not None:
                 model.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
+                if state.get("scheduler") is not None:
+                    scheduler.load_state_dict(state["scheduler"])
                 rng.bit_generator.state = state["numpy_rng"]
                 torch.set_rng_state(state["torch_rng"])
                 selection = state["selection"]
@@ -99,6 +102,7 @@ class Trainer:
                 break
             e0 = time.perf_counter()
             loss = self._train_epoch(model, data, optimizer, rng, epoch)
+            scheduler.step()
             record: dict[str, Any] = {"epoch": epoch, "loss": loss}
             if epoch % tc.eval_every == 0 or epoch == tc.epochs:
                 valid = self.evaluator(model, data, "valid")
@@ -114,8 +118,8 @@ class Trainer:
             record["seconds"] = time.perf_counter() - e0
             result.history.append(record)
             self._log(record)
-            save_state(self.run_dir, model=model, optimizer=optimizer, epoch=epoch, rng=rng,
-                       selection=selection, history=result.history)
+            save_state(self.run_dir, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                       rng=rng, selection=selection, history=result.history)
             result.train_seconds += record["seconds"]
 
         result.epochs = epoch
