@@ -21,17 +21,15 @@ a config switch reproduces the code (see docs/models/graph.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmrec.datasets.schema import Dataset
 from mmrec.errors import ConfigError
-from mmrec.graph.multibehavior_sampling import multibehavior_batches
-from mmrec.graph.propagation import (GraphRecommender, SparseGraphs, behavior_adjacencies, embedding_and_fc_l2,
+from mmrec.graph.propagation import (MultiBehaviorGraphRecommender, SparseGraphs, behavior_adjacencies,
                                      item_content_projection)
 from mmrec.models.base import ModelConfig
 from mmrec.registry import MODELS
@@ -194,7 +192,7 @@ class MESI(nn.Module):
 
 
 @MODELS.register("cigf")
-class CIGF(GraphRecommender):
+class CIGF(MultiBehaviorGraphRecommender):
     """CIGCN encoder + MESI head, trained with one BPR loss per behavior."""
 
     config_class: ClassVar[type] = CIGFConfig
@@ -232,17 +230,7 @@ class CIGF(GraphRecommender):
         return cls(data.n_users, data.n_items, behavior_adjacencies(data, config.norm), data.target_index,
                    config, content)
 
-    def training_batches(self, data: Dataset, batch_size: int, rng: np.random.Generator) -> Iterator[dict[str, Tensor]]:
-        """Per-behavior triples for ``batch_size`` users (``samples_per_user`` each, as the reference)."""
-        yield from multibehavior_batches([data.matrix(b) for b in range(data.n_behaviors)], batch_size,
-                                         self.config.samples_per_user, rng, self.config.users_per_epoch)
-
     # -- forward ------------------------------------------------------------------
-    def ego_embeddings(self) -> Tensor:
-        items = self.item_emb.weight
-        if self.content is not None:
-            items = items + self.content()
-        return torch.cat([self.user_emb.weight, items])
 
     def compute_representations(self) -> tuple[Tensor]:
         return (self.encoder(self.ego_embeddings(), self.graphs),)  # [K, U+I, d]
@@ -252,10 +240,6 @@ class CIGF(GraphRecommender):
         ego = self.ego_embeddings()
         return torch.stack([torch.stack([c.behavior_weights(ego) for c in branch])
                             for branch in self.encoder.branches]) if self.config.layers > 1 else ego.new_zeros(0)
-
-    def regularizer(self) -> Tensor:
-        """Σ‖θ‖² of what the reference regularises: embedding tables and FC weights."""
-        return embedding_and_fc_l2(self)
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
         (reps,) = self._fresh()

@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmrec.datasets.schema import Dataset
 from mmrec.errors import ConfigError
-from mmrec.graph.multibehavior_sampling import multibehavior_batches
-from mmrec.graph.propagation import (GraphRecommender, SparseGraphs, behavior_adjacencies, embedding_and_fc_l2,
+from mmrec.graph.propagation import (MultiBehaviorGraphRecommender, SparseGraphs, behavior_adjacencies,
                                      item_content_projection)
 from mmrec.models.base import ModelConfig
 from mmrec.registry import MODELS
@@ -258,7 +256,7 @@ class MetaPredictionNetwork(nn.Module):
 
 
 @MODELS.register("mbgmn")
-class MBGMN(GraphRecommender):
+class MBGMN(MultiBehaviorGraphRecommender):
     """Meta-knowledge learner + graph meta network + meta prediction network, hinge-trained."""
 
     config_class: ClassVar[type] = MBGMNConfig
@@ -298,17 +296,7 @@ class MBGMN(GraphRecommender):
         return cls(data.n_users, data.n_items, behavior_adjacencies(data, "sym"), data.target_index,
                    config, content)
 
-    def training_batches(self, data: Dataset, batch_size: int, rng: np.random.Generator) -> Iterator[dict[str, Tensor]]:
-        """Per-behavior triples for ``batch_size`` users (``samples_per_user`` each, as the reference)."""
-        yield from multibehavior_batches([data.matrix(b) for b in range(data.n_behaviors)], batch_size,
-                                         self.config.samples_per_user, rng, self.config.users_per_epoch)
-
     # -- forward ------------------------------------------------------------------
-    def ego_embeddings(self) -> Tensor:
-        items = self.item_emb.weight
-        if self.content is not None:
-            items = items + self.content()
-        return torch.cat([self.user_emb.weight, items])
 
     def compute_representations(self) -> tuple[Tensor]:
         return (self.encoder(self.ego_embeddings(), self.graphs, self.n_users),)  # [K+1, U+I, 2d]
@@ -325,10 +313,6 @@ class MBGMN(GraphRecommender):
                                   enc.item_att[layer].attention(msgs[n_users:])]))
             h = enc.attend(layer, msgs, n_users)
         return out
-
-    def regularizer(self) -> Tensor:
-        """Σ‖θ‖² of what the reference regularises: embedding tables and FC weights."""
-        return embedding_and_fc_l2(self)
 
     def _predict(self, reps: Tensor, src: Tensor, tgt: Tensor, users: Tensor, items: Tensor) -> Tensor:
         """mult · ŷ for rows (src branch, tgt behavior, user, item), all [P]."""

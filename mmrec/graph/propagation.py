@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import scipy.sparse as sp
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from mmrec.datasets.schema import Dataset, FeatureTable
 from mmrec.errors import ConfigError, DataError
+from mmrec.graph.multibehavior_sampling import multibehavior_batches
 from mmrec.models.base import Recommender
 
 NORMS = ("sym", "left", "none")
@@ -279,3 +280,27 @@ class GraphRecommender(Recommender):
     def _apply(self, fn, recurse: bool = True):  # .to(device) / .double(): the cache is stale
         self._cache = None
         return super()._apply(fn, recurse)
+
+
+class MultiBehaviorGraphRecommender(GraphRecommender):
+    """Shared plumbing of CIGF and MB-GMN: per-behavior sampling, ego embeddings, L2.
+
+    Subclasses own ``user_emb``, ``item_emb``, ``content`` (optional feature projection)
+    and a ``config`` with ``samples_per_user`` / ``users_per_epoch``.
+    """
+
+    def training_batches(self, data: Dataset, batch_size: int, rng: np.random.Generator) -> Iterator[dict[str, Tensor]]:
+        """Per-behavior triples for ``batch_size`` users (``samples_per_user`` each, as the references)."""
+        yield from multibehavior_batches([data.matrix(b) for b in range(data.n_behaviors)], batch_size,
+                                         self.config.samples_per_user, rng, self.config.users_per_epoch)
+
+    def ego_embeddings(self) -> Tensor:
+        """Layer-0 embeddings of users then items (item IDs plus projected content, if any)."""
+        items = self.item_emb.weight
+        if self.content is not None:
+            items = items + self.content()
+        return torch.cat([self.user_emb.weight, items])
+
+    def regularizer(self) -> Tensor:
+        """Σ‖θ‖² of what the references regularise: embedding tables and FC weights."""
+        return embedding_and_fc_l2(self)
