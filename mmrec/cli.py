@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # torch-geometric's import triggers torch's own deprecation notice: noise for CLI users
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
     if getattr(args, "split", None) and args.command == "evaluate" and \
             args.split not in ("test", "valid") + SPLIT_KINDS:
