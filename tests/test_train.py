@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +107,21 @@ def test_cli_reports_errors_without_traceback(tmp_path: Path, capsys):
 def test_unknown_model_is_clear(planted_dir: Path, tmp_path: Path, capsys):
     rc = main(["train", "--data", str(planted_dir), "--model", "nosuch", "--out", str(tmp_path / "r")])
     assert rc == 2 and "unknown model 'nosuch'" in capsys.readouterr().err
+
+
+def test_cli_describe_json_on_synthetic_and_pickles(tmp_path: Path, capsys):
+    import pickle
+
+    import scipy.sparse as sp
+    assert main(["data", "describe", "synthetic:tiny", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert isinstance(info["n_users"], int) and set(info["interactions"]) == {"view", "cart", "buy"}
+    for name, rows in {"train_mat_view.pkl": [(0, 0), (1, 1), (1, 2)], "train_mat_buy.pkl": [(0, 0)],
+                       "test_mat.pkl": [(1, 0)]}.items():
+        m = sp.csr_matrix((np.ones(len(rows)), tuple(zip(*rows))), shape=(2, 3))
+        (tmp_path / name).write_bytes(pickle.dumps(m))
+    assert main(["data", "describe", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["n_users"] == 2 and info["n_items"] == 3
+    assert info["interactions"] == {"view": 3, "buy": 1}
+    assert info["held_out"] == {"test": {"buy": 1}}
