@@ -17,7 +17,6 @@ def dense_reference(x: torch.Tensor, k: int, mask: torch.Tensor | None = None, *
                     weighted: bool = True, normalize: str | None = "sym") -> torch.Tensor:
     """The dense N x N formulas of LATTICE/MICRO (build_sim, build_knn_neighbourhood,
     compute_normalized_laplacian / get_dense_laplacian), with masked items removed."""
-    n = x.shape[0]
     xn = x / x.norm(dim=1, keepdim=True)
     s = xn @ xn.T
     if mask is not None:
@@ -51,6 +50,14 @@ def clustered(n: int, d: int, n_clusters: int, seed: int = 0) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1)
 
 
+def assert_sorted_edges(g) -> None:
+    """to_sparse_coo() declares the edges coalesced: sorted by (row, col), no duplicates."""
+    n = g.num_nodes
+    ref = torch.sparse_coo_tensor(g.edge_index, g.edge_weight, (n, n), check_invariants=True).coalesce()
+    assert torch.equal(g.edge_index, ref.indices())
+    assert torch.equal(g.edge_weight, ref.values())
+
+
 def rand(n: int = 97, d: int = 16, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
@@ -67,6 +74,7 @@ def test_matches_dense_reference_for_any_block_size(block_size):
     assert torch.equal(g.neighbors, ind)
     torch.testing.assert_close(g.similarity, val, rtol=0, atol=1e-12)
     assert g.num_edges == 97 * 5
+    assert_sorted_edges(g)
 
 
 def test_float32_blocks_pick_the_same_neighbours():
@@ -125,6 +133,8 @@ def test_masked_items_have_no_edges_in_or_out():
     mask[missing] = False
     x[missing] = 0.0  # a zero row is fine when masked: it never enters a cosine
     g = knn_graph(x, k=6, mask=mask, block_size=11, symmetric=True)
+    assert_sorted_edges(g)
+    assert_sorted_edges(knn_graph(x, k=6, mask=mask, block_size=11))
     row, col = g.edge_index
     assert not bool(torch.isin(row, missing).any()) and not bool(torch.isin(col, missing).any())
     assert bool((g.neighbors[missing] == -1).all())
@@ -255,6 +265,7 @@ def test_faiss_recall_on_clustered_points(backend):
     assert bool((approx.neighbors[~mask] == -1).all())
     assert not bool(torch.isin(approx.neighbors, (~mask).nonzero().squeeze(1)).any())
     assert not bool((approx.edge_index[0] == approx.edge_index[1]).any())
+    assert_sorted_edges(approx)
     assert torch.equal(approx.edge_index, again.edge_index)  # one faiss thread: deterministic
     assert torch.equal(approx.edge_weight, again.edge_weight)
 

@@ -159,25 +159,34 @@ def knn_graph(
                 memory_budget=memory_budget, **(backend_options or {}))
         sim, idx = sim.to(dev), idx.to(dev)
 
-    found = idx >= 0
-    src_local = torch.arange(nv, device=dev).unsqueeze(1).expand_as(idx)[found]
-    dst_local = idx[found]
+    # Edges in (row, col) order: rows come out of the backend in order, so sorting the
+    # k columns of each row suffices (and a top-k row has no duplicates to merge).
+    col_sorted, order = idx.sort(dim=1)  # missing neighbours (-1) sort first, dropped below
+    sim_sorted = sim.gather(1, order)
+    found = col_sorted >= 0
+    if bool(found.all()):  # the usual case: no boolean gathers (slow on a busy machine)
+        src_local = torch.arange(nv, device=dev).repeat_interleave(k_eff)
+        dst_local, w = col_sorted.reshape(-1), sim_sorted.reshape(-1)
+    else:
+        src_local = torch.arange(nv, device=dev).unsqueeze(1).expand_as(idx)[found]
+        dst_local, w = col_sorted[found], sim_sorted[found]
     if torch.is_grad_enabled() and xn.requires_grad:
         w = (xn[src_local] * xn[dst_local]).sum(-1)  # eq. 1 on the kept pairs only
-    else:
-        w = sim[found]
     if not weighted:
         w = torch.ones_like(w)
-    row, col = ids[src_local], ids[dst_local]
-    if symmetric:
-        row, col, w = torch.cat([row, col]), torch.cat([col, row]), torch.cat([w, w])
-    edge_index, w = _coalesce(row, col, w, n)
+    row, col = (src_local, dst_local) if valid is None else (ids[src_local], ids[dst_local])
+    if symmetric:  # A + A^T: merge the two directions of mutual pairs
+        edge_index, w = _coalesce(torch.cat([row, col]), torch.cat([col, row]), torch.cat([w, w]), n)
+    else:
+        edge_index = torch.stack([row, col])
     w = normalize_fn(edge_index, w, n)
 
-    neighbors = torch.full((n, k_eff), -1, dtype=torch.long, device=dev)
-    neighbors[ids] = torch.where(found, ids[idx.clamp(min=0)], -1)
-    similarity = torch.zeros((n, k_eff), dtype=dtype, device=dev)
-    similarity[ids] = torch.where(found, sim.to(dtype), 0.0)
+    present = idx >= 0
+    neighbors, similarity = idx, torch.where(present, sim.to(dtype), 0.0)
+    if valid is not None:  # back to item ids; masked items keep -1 / 0.0
+        neighbors = torch.full((n, k_eff), -1, dtype=torch.long, device=dev)
+        neighbors[ids] = torch.where(present, ids[idx.clamp(min=0)], -1)
+        similarity = torch.zeros((n, k_eff), dtype=dtype, device=dev).index_copy(0, ids, similarity)
     return KnnGraph(edge_index, w, n, neighbors, similarity, k_eff, name)
 
 
