@@ -125,3 +125,10 @@ def test_cli_describe_json_on_synthetic_and_pickles(tmp_path: Path, capsys):
     assert info["n_users"] == 2 and info["n_items"] == 3
     assert info["interactions"] == {"view": 3, "buy": 1}
     assert info["held_out"] == {"test": {"buy": 1}}
+
+
+def test_items_without_interactions_and_no_cold_test_rows(planted_dir: Path, tmp_path: Path):
+    # items.tsv lists items nobody touched: they are cold, but none is held out -> no cold block, no crash
+    (planted_dir / "items.tsv").write_text("item\ttitle\n" + "".join(f"x{i}\tnew thing {i}\n" for i in range(3)))
+    m = train(_cfg(planted_dir, tmp_path / "r", train={"epochs": 1}))
+    assert "cold_start" not in m and m["n_items"] == 48 + 3

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -49,8 +50,11 @@ def make_evaluator(cfg: RunConfig):
 
 def _cold_start(cfg: RunConfig, model: Recommender, data: Dataset) -> dict[str, Any] | None:
     """Rank each user's held-out cold items among all cold items (content models' job)."""
-    if data.cold_items is None or len(data.cold_items) == 0:
+    if data.cold_items is None or len(data.cold_items) == 0 or data.test is None:
         return None
+    test = data.test
+    if not np.isin(test.item[test.behavior == data.target_index], data.cold_items).any():
+        return None  # cold items exist (e.g. items.tsv rows without interactions) but none is held out
     from mmrec.eval.protocols import evaluate_full
     cold = torch.as_tensor(data.cold_items, dtype=torch.long)
     model.eval()
