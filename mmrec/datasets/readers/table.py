@@ -139,6 +139,22 @@ def _decimal_length_sum(values: np.ndarray) -> int:
     return total
 
 
+_DIGITS = re.compile(rb"(0|[1-9][0-9]{0,17})")
+
+
+def _first_row_has_int_ids(path: Path, header: list[str], int_headers: list[str]) -> bool:
+    """Cheap pre-check on the first data row, so string-id files skip a doomed integer parse.
+
+    Only a hint: a True here still goes through the byte-count proof below.
+    """
+    with open(path, "rb") as f:
+        f.readline()
+        row = f.readline().rstrip(b"\r\n").split(b"\t")
+    if len(row) != len(header):
+        return False
+    return all(_DIGITS.fullmatch(row[header.index(h)]) for h in int_headers)
+
+
 def _parse_int_ids(path: Path, header: list[str], wanted: dict[str, tuple[str, str]],
                    int_headers: list[str]) -> dict[str, pa.ChunkedArray] | None:
     """Read ``int_headers`` as int64 when that loses nothing; None = use the string path.
@@ -151,7 +167,7 @@ def _parse_int_ids(path: Path, header: list[str], wanted: dict[str, tuple[str, s
     field. Quotes, CR-LF endings, blank lines or padding all break the equality and
     send the file down the string path, which reads it exactly as before.
     """
-    if not int_headers:
+    if not int_headers or not _first_row_has_int_ids(path, header, int_headers):
         return None
     types = {h: (pa.int64() if h in int_headers else pa.string()) for h in wanted}
     for h, (canon, kind) in wanted.items():
