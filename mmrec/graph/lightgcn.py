@@ -21,7 +21,7 @@ from mmrec.datasets.schema import Dataset
 from mmrec.errors import ConfigError
 from mmrec.graph.propagation import GraphRecommender, SparseGraphs, item_content_projection
 from mmrec.fusion.content import ContentFields
-from mmrec.models.base import ModelConfig
+from mmrec.models.base import InnerProductScoring, ModelConfig
 from mmrec.registry import MODELS
 
 
@@ -66,7 +66,7 @@ class LightGCNEncoder(nn.Module):
 
 
 @MODELS.register("lightgcn")
-class LightGCN(GraphRecommender):
+class LightGCN(InnerProductScoring, GraphRecommender):
     """LightGCN trained with BPR on the target behavior's graph."""
 
     config_class: ClassVar[type] = LightGCNConfig
@@ -128,18 +128,6 @@ class LightGCN(GraphRecommender):
         ego = 0.5 * (self.user_emb(u).pow(2).sum() + self.item_emb(i).pow(2).sum()
                      + self.item_emb(j).pow(2).sum()) / len(u)
         return bpr + self.config.reg * ego
-
-    # -- scoring ------------------------------------------------------------------
-    def score_all(self, users: Tensor) -> Tensor:
-        u, i = self.representations()
-        return u[users] @ i.T
-
-    def score(self, users: Tensor, items: Tensor) -> Tensor:
-        u, i = self.representations()
-        return (u[users].unsqueeze(1) * i[items]).sum(-1)
-
-    def item_embeddings(self) -> Tensor:
-        return self.representations()[1]
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -135,6 +135,28 @@ class Recommender(nn.Module):
         for b in self.buffers():
             return b.device
         return torch.device("cpu")
+
+
+class InnerProductScoring:
+    """Scores as ⟨e_u, e_i⟩ of ``representations()``'s first two tensors (users, items).
+
+    Mixed into models whose final score is a plain inner product (LightGCN, VBPR,
+    the multimodal graph backbones), so each defines only how it builds
+    representations.
+    """
+
+    representations: Callable[[], tuple[Tensor, ...]]  # supplied by the model class
+
+    def score_all(self, users: Tensor) -> Tensor:
+        u, i = self.representations()[:2]
+        return u[users] @ i.T
+
+    def score(self, users: Tensor, items: Tensor) -> Tensor:
+        u, i = self.representations()[:2]
+        return (u[users].unsqueeze(1) * i[items]).sum(-1)
+
+    def item_embeddings(self) -> Tensor:
+        return self.representations()[1]
 
 
 def model_config(name: str, overrides: dict[str, Any] | None = None) -> Any:

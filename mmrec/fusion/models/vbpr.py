@@ -37,7 +37,7 @@ from mmrec.errors import ConfigError
 from mmrec.fusion.content import ContentFields, build_item_content
 from mmrec.fusion.models.backbone import bpr, check_positive, edge_filtration, encode_rows, warm_items
 from mmrec.graph.propagation import GraphRecommender
-from mmrec.models.base import ModelConfig
+from mmrec.models.base import InnerProductScoring, ModelConfig
 from mmrec.registry import MODELS
 
 
@@ -54,7 +54,7 @@ class VBPRConfig(ContentFields, ModelConfig):
 
 
 @MODELS.register("vbpr")
-class VBPR(GraphRecommender):
+class VBPR(InnerProductScoring, GraphRecommender):
     """VBPR: BPR-MF plus a content factor θ_uᵀ E f_i and a content bias β'ᵀ f_i.
 
     Subclasses :class:`GraphRecommender` for its scoring cache only: the item side
@@ -155,14 +155,6 @@ class VBPR(GraphRecommender):
         return loss
 
     # -- scoring ----------------------------------------------------------------------
-    def score_all(self, users: Tensor) -> Tensor:
-        u, i = self.representations()
-        return u[users] @ i.T
-
-    def score(self, users: Tensor, items: Tensor) -> Tensor:
-        u, i = self.representations()
-        return (u[users].unsqueeze(1) * i[items]).sum(-1)
-
     def item_embeddings(self) -> Tensor:
         """[γ_i ‖ E f_i] (the bias column left out)."""
         return self.representations()[1][:, :-1]
