@@ -156,6 +156,40 @@ def test_bad_media_is_masked_and_counted(world, encoders, tmp_path):
     assert "i3" in report.bad_examples["image/corrupt"]
 
 
+def test_one_wav_reader_strict_about_truncation_only():
+    """Extraction and the encoders share ``load_waveform``: a cut file is an error, an unknown chunk is not."""
+    import struct
+
+    from mmrec.encoders.audio import load_waveform
+    good = _wav_bytes()
+    assert load_waveform(good, 16000).shape == (3200,)
+    with pytest.raises(DataError, match="truncated WAV"):
+        load_waveform(good[:900], 16000, index=9)
+    extra = good + b"abcd" + struct.pack("<I", 4) + b"\0\0\0\0"   # an unknown chunk after the data
+    extra = extra[:4] + struct.pack("<I", len(extra) - 8) + extra[8:]
+    with pytest.warns(UserWarning, match="not understood"):
+        assert np.array_equal(load_waveform(extra, 16000), load_waveform(good, 16000))
+    assert not hasattr(ex, "_decode_wav")  # no second decoder to drift from the first
+
+
+def test_one_chunk_is_assembled_in_memory(world, encoders, tmp_path, monkeypatch):
+    """Nothing to resume in a one-chunk job: no partial directory, no weight hashing; same file."""
+    data = subset(world, 40)
+    staged = tmp_path / "staged.safetensors"
+    extract_features(data, encoders, staged, batch_size=16, chunk_size=16, progress=False, log=_quiet)
+
+    def no_hash(*a: Any, **k: Any) -> None:
+        raise AssertionError("a one-chunk extraction hashed the weights")
+
+    monkeypatch.setattr(ex, "extraction_fingerprint", no_hash)
+    out = tmp_path / "one.safetensors"
+    seen = []
+    report = extract_features(data, encoders, out, batch_size=16, chunk_size=64, progress=False, log=_quiet,
+                              on_chunk=lambda c, n: seen.append((c, n, partial_dir(out).exists())))
+    assert seen == [(0, 1, False)] and report.chunks == 1
+    assert same_file(out, staged)
+
+
 def test_resume_after_interruption_gives_the_same_file(world, encoders, tmp_path):
     data = subset(world, 96)
     whole = tmp_path / "whole.safetensors"

@@ -186,3 +186,54 @@ def test_cli_writes_shards(tmp_path, capsys):
     assert rc == 0
     assert sum(read_sizes(tmp_path / "s").values()) == 200
     assert "4 shard(s)" in capsys.readouterr().out
+
+
+# -- exact resume while streaming ----------------------------------------------------------------
+class Killed(RuntimeError):
+    pass
+
+
+def test_streaming_resume_after_a_kill_is_bit_identical(tiny, shard_dir, tmp_path, monkeypatch):
+    """Training from shards (2 loader workers, shuffle buffer), killed mid-epoch, resumed from the
+    last checkpoint: the same final weights and log as an uninterrupted run. The data position
+    (epoch, batch) must bring back the worker whose turn it was and the shuffle buffer's order."""
+    from safetensors.torch import load_file
+
+    from mmrec.pretrain import trainer as trainer_mod
+    from mmrec.pretrain.run import pretrain
+    from tests.test_pretrain import tiny_config
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads and forked workers
+    # BERT dropout on (RNG), 2 workers over 7 shards, a 50-sample shuffle buffer
+    sets = ["modalities=[text]", f"loader.shards={shard_dir}", "loader.num_workers=2", "loader.shuffle_buffer=50",
+            "loader.batch_size=30", "train.epochs=2", "train.checkpoint_every=3", "train.warmup_steps=2",
+            "train.lr=0.003"]
+    ref = pretrain(tiny_config(tmp_path / "a", *sets), data=tiny)
+    assert ref["streaming"] is True
+    per_epoch = ShardSource(shard_dir, ItemCollator({}, []), 30, seed=0, num_workers=2).batches_per_epoch(1)
+    assert ref["steps"] == 2 * per_epoch and per_epoch % 2 == 0
+    kill_at = per_epoch + 4   # checkpoint of step per_epoch + 3: epoch 1, batch 3 (worker 1's turn)
+    real = trainer_mod.PretrainTrainer._append_log
+
+    def dying(self, record):
+        real(self, record)
+        if record["step"] == kill_at:
+            raise Killed("SIGKILL")
+
+    b = tmp_path / "b"
+    monkeypatch.setattr(trainer_mod.PretrainTrainer, "_append_log", dying)
+    with pytest.raises(Killed):
+        pretrain(tiny_config(b, *sets), data=tiny)
+    monkeypatch.setattr(trainer_mod.PretrainTrainer, "_append_log", real)
+    state = torch.load(b / "checkpoint.pt", weights_only=False)
+    assert state["step"] == per_epoch + 3 and state["position"] == {"epoch": 1, "batch": 3}
+
+    done = pretrain(tiny_config(b, *sets, "train.resume=true"), data=tiny)
+    wa, wb = load_file(tmp_path / "a" / "encoders.safetensors"), load_file(b / "encoders.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    la = (tmp_path / "a" / "log.jsonl").read_text().splitlines()
+    lb = (b / "log.jsonl").read_text().splitlines()
+    assert la == lb
+    assert done["metrics"] == ref["metrics"]

@@ -28,8 +28,35 @@ AudioLike = np.ndarray | Tensor | tuple | str | Path | bytes  # bytes: an encode
 MODEL_TYPE_ALIASES = {"ast": "audio-spectrogram-transformer"}
 
 
+#: scipy's WavFileWarning messages that mean the file was cut short (scipy returns what is
+#: there and only warns; mmrec counts such a file as corrupt instead of encoding half a clip)
+TRUNCATED_WAV = ("Reached EOF prematurely", "Incomplete chunk ID")
+
+
+def _read_wav(src: Any) -> tuple[int, np.ndarray]:
+    """``scipy.io.wavfile.read``, strict about truncation; other WAV warnings pass through."""
+    import warnings
+
+    from scipy.io import wavfile
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", wavfile.WavFileWarning)
+        rate, data = wavfile.read(src)
+    for w in caught:
+        msg = str(w.message)
+        if issubclass(w.category, wavfile.WavFileWarning) and msg.startswith(TRUNCATED_WAV):
+            raise ValueError(f"truncated WAV: {msg}")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return rate, data
+
+
 def load_waveform(x: AudioLike, sampling_rate: int, index: int = 0) -> np.ndarray:
-    """A mono float32 waveform at ``sampling_rate``."""
+    """A mono float32 waveform at ``sampling_rate``; a truncated WAV file is a :class:`DataError`.
+
+    The one decoder of audio media: encoders' ``preprocess`` (pre-training, end-to-end
+    training) and ``mmrec extract`` all read through it, so bad audio is judged the same
+    everywhere (counted as ``audio/corrupt`` by :func:`~mmrec.encoders.robust.preprocess_robust`).
+    """
     from scipy.signal import resample_poly
 
     rate = sampling_rate
@@ -42,9 +69,8 @@ def load_waveform(x: AudioLike, sampling_rate: int, index: int = 0) -> np.ndarra
         if isinstance(x, (str, Path, bytes, bytearray, memoryview)):
             import io
 
-            from scipy.io import wavfile
             where = x if isinstance(x, (str, Path)) else None
-            rate, data = wavfile.read(str(x) if where is not None else io.BytesIO(bytes(x)))
+            rate, data = _read_wav(str(x) if where is not None else io.BytesIO(bytes(x)))
             if np.issubdtype(data.dtype, np.integer):
                 data = data.astype(np.float32) / float(np.iinfo(data.dtype).max)
             x = data

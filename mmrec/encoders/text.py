@@ -63,7 +63,9 @@ class HFTextEncoder(Encoder):
 
         if pooling not in POOLINGS:
             raise ConfigError(f"unknown pooling '{pooling}'; known: {', '.join(POOLINGS)}")
-        model, src_dir = load_hf_model("text", name, pretrained, config)
+        # pooled token states only: BERT-like models are built without their pooler, so every
+        # parameter takes part in the loss (DDP needs no probe or find_unused_parameters)
+        model, src_dir = load_hf_model("text", name, pretrained, config, drop_pooler=True)
         tok_dir = _tokenizer_dir(tokenizer) if tokenizer is not None else src_dir
         if tok_dir is None:
             raise ConfigError(f"text model type '{name}' has no directory to take a tokenizer from: pass tokenizer=<dir or alias>")

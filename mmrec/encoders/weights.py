@@ -163,13 +163,19 @@ def map_by_order(source: Mapping[str, Tensor], target: Mapping[str, Tensor], ori
     return out
 
 
-def load_weights(module: nn.Module, weights: ResolvedWeights, allow_missing: Iterable[str] = ()) -> None:
+def load_weights(module: nn.Module, weights: ResolvedWeights, allow_missing: Iterable[str] = (),
+                 ignore_unexpected: Iterable[str] = ()) -> None:
     """Load a state dict file into ``module`` strictly; errors name the file and the keys.
 
     ``allow_missing``: key prefixes that may be absent from the file (a classifier
     the checkpoint was saved without); anything else missing is an error.
+    ``ignore_unexpected``: key prefixes of the file that are dropped (a part the model
+    was built without on purpose, e.g. BERT's pooler); other extra keys are an error.
     """
     sd = read_state_dict(weights.path)
+    drop = tuple(ignore_unexpected)
+    if drop:
+        sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
     target = module.state_dict()
     if weights.key_map == "by_order":
         sd = map_by_order(sd, target, weights.path)
@@ -198,8 +204,26 @@ def check_state_dict(sd: Mapping[str, Tensor], target: Mapping[str, Tensor], ori
         raise WeightsError(f"{origin}: weights do not fit the model: " + "; ".join(problems))
 
 
+def _hf_model_kwargs(cfg: Any, drop_pooler: bool) -> dict[str, Any]:
+    """``{"add_pooling_layer": False}`` when asked and the model class takes it (BERT-like)."""
+    if not drop_pooler:
+        return {}
+    import inspect
+
+    from transformers import AutoModel
+    try:
+        cls = AutoModel._model_mapping[type(cfg)]
+    except KeyError:
+        return {}
+    return {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(cls.__init__).parameters else {}
+
+
+#: What ``add_pooling_layer=False`` leaves out of a BERT-like model (its checkpoints still hold it).
+POOLER_PREFIX = "pooler."
+
+
 def load_hf_model(modality: str, name: str, pretrained: Pretrained | str,
-                  config: Any = None) -> tuple[nn.Module, Path | None]:
+                  config: Any = None, drop_pooler: bool = False) -> tuple[nn.Module, Path | None]:
     """A transformers ``AutoModel`` from local files only, and the directory it came from.
 
     ``name``: a model directory, an alias in :data:`LOCAL_WEIGHTS` (the directory a
@@ -210,6 +234,9 @@ def load_hf_model(modality: str, name: str, pretrained: Pretrained | str,
     weights, a file = a state dict for the model built from the config.
     Missing or mis-shaped tensors raise :class:`WeightsError` instead of the silent
     random init transformers would do.
+    ``drop_pooler``: build BERT-like models with ``add_pooling_layer=False`` (a pooled
+    encoder never uses the pooler; left in, its parameters get no gradient, which DDP
+    cannot reduce). The checkpoint's pooler tensors are then skipped without a report.
     """
     from transformers import AutoConfig, AutoModel, PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -243,7 +270,13 @@ def load_hf_model(modality: str, name: str, pretrained: Pretrained | str,
             from mmrec.errors import ConfigError
             raise ConfigError("config overrides cannot be combined with pretrained weights from a directory")
         try:
-            model, info = AutoModel.from_pretrained(str(weights_dir), local_files_only=True, output_loading_info=True)
+            kwargs = _hf_model_kwargs(AutoConfig.from_pretrained(str(weights_dir), local_files_only=True),
+                                      drop_pooler)
+            with _quiet_transformers(bool(kwargs)):
+                # mismatched shapes are reported below (transformers would point at its silenced report)
+                model, info = AutoModel.from_pretrained(str(weights_dir), local_files_only=True,
+                                                        output_loading_info=True, ignore_mismatched_sizes=True,
+                                                        **kwargs)
         except (OSError, ValueError, RuntimeError) as e:
             cls = WeightsNotFoundError if isinstance(e, OSError) else WeightsError
             raise cls(f"{weights_dir}: cannot load transformers weights: {e}") from e
@@ -252,6 +285,12 @@ def load_hf_model(modality: str, name: str, pretrained: Pretrained | str,
             raise WeightsError(f"{weights_dir}: weights do not fit the model: "
                                + "; ".join(f"{len(v)} {k.split('_')[0]} (e.g. {', '.join(map(str, v[:4]))})"
                                            for k, v in bad.items() if v))
+        if kwargs:  # transformers' report was silenced: say what was left out, except the pooler we dropped
+            extra = sorted(k for k in info.get("unexpected_keys") or [] if not k.startswith(POOLER_PREFIX))
+            if extra:
+                import warnings
+                warnings.warn(f"{weights_dir}: {len(extra)} tensors of the checkpoint are not used by the "
+                              f"model (e.g. {', '.join(extra[:4])})", stacklevel=3)
         return model, src_dir
 
     if isinstance(config, PretrainedConfig):
@@ -261,7 +300,26 @@ def load_hf_model(modality: str, name: str, pretrained: Pretrained | str,
     else:
         fields = dict(config or {})
         cfg = AutoConfig.for_model(fields.pop("model_type", name), **fields)
-    model = AutoModel.from_config(cfg)
+    kwargs = _hf_model_kwargs(cfg, drop_pooler)
+    model = AutoModel.from_config(cfg, **kwargs)
     if weights_file is not None:
-        load_weights(model, ResolvedWeights(weights_file, "exact"))
+        load_weights(model, ResolvedWeights(weights_file, "exact"), ignore_unexpected=(POOLER_PREFIX,) if kwargs else ())
     return model, src_dir
+
+
+class _quiet_transformers:
+    """Silence transformers' load report while ``on`` (mmrec checks missing/mismatched keys itself)."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __enter__(self) -> None:
+        if self.on:
+            from transformers.utils import logging as hf_logging
+            self.level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.on:
+            from transformers.utils import logging as hf_logging
+            hf_logging.set_verbosity(self.level)

@@ -22,6 +22,7 @@ from mmrec.errors import MMRecError
 from mmrec.io import atomic_path, write_json
 
 SPECS = "encoders.json"
+_OLD_POOLER = "backbone.pooler."
 WEIGHTS = "encoders.safetensors"
 
 
@@ -65,6 +66,9 @@ def load_encoders(run_dir: str | Path, device: str | torch.device = "cpu",
             enc = create_encoder(spec.pop("modality", modality), spec.pop("name", None), pretrained=None, **spec)
             prefix = f"{modality}."
             state = {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
+            own = enc.state_dict()
+            # runs saved before text encoders dropped BERT's (unused) pooler still hold it
+            state = {k: v for k, v in state.items() if k in own or not k.startswith(_OLD_POOLER)}
             missing, unexpected = enc.load_state_dict(state, strict=False)
             if missing or unexpected:
                 raise MMRecError(f"{weights}: weights for '{modality}' do not fit its encoder "

@@ -11,6 +11,8 @@ chunk is written atomically to ``OUT.partial/chunk-XXXXX.safetensors`` and a rer
 skips it (``OUT.partial/manifest.json`` records what was being extracted, so chunks
 of another extraction are never mixed in). ``OUT`` appears, atomically, only when
 every chunk is done; then ``OUT.partial/`` is removed. Nothing partial looks complete.
+A catalog of one chunk has nothing to resume: it is assembled in memory, without the
+partial directory or the manifest (whose weight hash costs ~0.2 s for MiniLM + a ViT).
 
 Items whose media is missing or does not decode get mask False and a zero row; they
 are counted per modality and reason (printed, and in the file's ``bad_media``
@@ -21,16 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -84,34 +83,6 @@ def available_modalities(data: Dataset) -> list[str]:
     return [m for m in CONTENT_MODALITIES if content_view(data, m) is not None]
 
 
-def _decode_wav(raw: Any) -> Any:
-    """WAV bytes or a .wav path -> ``(waveform, rate)``; a truncated file is an error.
-
-    The audio encoders read WAV leniently (scipy only warns on a truncated file and
-    returns what is there), so extraction decodes WAV itself, strictly, and counts a
-    truncated or undecodable file as corrupt instead of encoding half a clip.
-    """
-    if isinstance(raw, (bytes, bytearray, memoryview)):
-        if len(raw) == 0:
-            return b""  # missing, counted as such by preprocess_robust
-        src: Any = io.BytesIO(bytes(raw))
-    elif isinstance(raw, (str, Path)) and str(raw).lower().endswith(".wav"):
-        src = str(raw)
-    else:
-        return raw
-    from scipy.io import wavfile
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", wavfile.WavFileWarning)  # "Reached EOF prematurely"
-        rate, data = wavfile.read(src)
-    if np.issubdtype(data.dtype, np.integer):
-        data = data.astype(np.float32) / float(np.iinfo(data.dtype).max)
-    if data.size == 0:
-        raise ValueError("WAV file holds no samples")
-    return np.asarray(data, dtype=np.float32), int(rate)
-
-
-_DECODERS: dict[str, Callable[[Any], Any]] = {"audio": _decode_wav}
 _FAILED = object()
 
 
@@ -125,12 +96,10 @@ def prepare_batch(encoders: dict[str, Encoder], views: dict[str, Sequence[Any]],
     bad = BadMedia()
     out: dict[str, tuple[Batch | None, torch.Tensor]] = {}
     for m, enc in encoders.items():
-        decode = _DECODERS.get(m)
         raws: list[Any] = []
         for i in idx:
-            try:
-                raw = views[m][i]
-                raws.append(decode(raw) if decode is not None and raw is not None else raw)
+            try:  # reading a lazy view can fail too (a renderer, a file): that item only
+                raws.append(views[m][i])
             except Exception as e:  # noqa: BLE001 - any read/decode error marks this item's media bad
                 bad.add(m, "corrupt", f"{ids[i]}: {type(e).__name__}: {e}"[:200])
                 raws.append(_FAILED)
@@ -283,10 +252,11 @@ def _chunk_path(partial: Path, c: int) -> Path:
 
 
 def _state_hash(enc: Encoder) -> str:
+    """SHA-256 of every tensor's bytes, read in place (a ``tobytes`` copy doubled the cost)."""
     h = hashlib.sha256()
     for name, t in enc.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(memoryview(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
 
 
@@ -319,6 +289,10 @@ def _open_partial(partial: Path, fingerprint: dict[str, Any], log: Callable[[str
     write_json(manifest, fingerprint)
 
 
+#: One finished chunk: features and masks per modality, and what was bad in it.
+ChunkResult = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], BadMedia]
+
+
 def _write_chunk(path: Path, feats: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], bad: BadMedia) -> None:
     tensors = {}
     for m in feats:
@@ -329,15 +303,16 @@ def _write_chunk(path: Path, feats: dict[str, torch.Tensor], masks: dict[str, to
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def _read_chunk(path: Path, modalities: Sequence[str]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], BadMedia]:
+def _read_chunk(path: Path, modalities: Sequence[str]) -> ChunkResult:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-        out = {m: (f.get_tensor(f"{m}.features"), f.get_tensor(f"{m}.mask")) for m in modalities}
+        feats = {m: f.get_tensor(f"{m}.features") for m in modalities}
+        masks = {m: f.get_tensor(f"{m}.mask") for m in modalities}
     bad = BadMedia()
     for key, n in json.loads(meta.get("bad_media", "{}")).items():
         bad.counts[key] += int(n)
     bad.examples.update(json.loads(meta.get("bad_examples", "{}")))
-    return out, bad
+    return feats, masks, bad
 
 
 def extract_features(data: Dataset, encoders: dict[str, Encoder], out: str | Path, *, project: bool = False,
@@ -376,17 +351,43 @@ def extract_features(data: Dataset, encoders: dict[str, Encoder], out: str | Pat
                          f"{', '.join(sorted(skipped)) or 'any requested modality'}")
 
     partial = partial_dir(out)
-    _open_partial(partial, extraction_fingerprint(data, encoders, project, batch_size, chunk_size), log)
     chunks = [(c, s, min(s + chunk_size, n)) for c, s in enumerate(range(0, n, chunk_size))]
-    done = {c for c, _, _ in chunks if _chunk_path(partial, c).exists()}
-    if done:
-        log(f"resuming: {len(done)} of {len(chunks)} chunks already in {partial}")
+
+    def fingerprint() -> dict[str, Any]:  # hashes every weight: ~0.2 s for MiniLM + a ViT
+        return extraction_fingerprint(data, encoders, project, batch_size, chunk_size)
+
+    # one chunk = nothing to resume: no partial directory, no manifest, no weight hashing
+    staged = len(chunks) > 1 or partial.exists()
+    if partial.exists():  # a rerun: which chunks are reusable depends on the fingerprint
+        _open_partial(partial, fingerprint(), log)
+        done = {c for c, _, _ in chunks if _chunk_path(partial, c).exists()}
+        if done:
+            log(f"resuming: {len(done)} of {len(chunks)} chunks already in {partial}")
+    else:
+        done = set()
     batches = [(c, b0, min(b0 + batch_size, e)) for c, s, e in chunks if c not in done
                for b0 in range(s, e, batch_size)]
-    _run_batches(encoders, views, ids, batches, chunks, partial, project, workers, progress,
-                 initial=sum(e - s for c, s, e in chunks if c in done), on_chunk=on_chunk)
+    # start the loader first: its workers fork and preprocess the first batches while this
+    # process hashes the weights for a fresh run's manifest (no thread is running at the fork)
+    prepared = _prepared_batches(encoders, views, ids, batches, workers)
+    if staged and not partial.exists():
+        _open_partial(partial, fingerprint(), log)
+    in_memory: dict[int, ChunkResult] = {}
 
-    tables, bad = _assemble(partial, chunks, encoders, project)
+    def finished(c: int, result: ChunkResult) -> None:
+        if staged:
+            _write_chunk(_chunk_path(partial, c), *result)
+        else:
+            in_memory[c] = result
+        if on_chunk is not None:
+            on_chunk(c, len(chunks))
+
+    _run_batches(encoders, ids, prepared, chunks, project, progress,
+                 initial=sum(e - s for c, s, e in chunks if c in done), finished=finished)
+
+    results = [in_memory[c] if c in in_memory else _read_chunk(_chunk_path(partial, c), list(encoders))
+               for c, _, _ in chunks]
+    tables, bad = _assemble(results, encoders, project)
     fused = fuse_tables(tables, fuse)
     all_tables = dict(tables)
     if fused is not None:
@@ -407,20 +408,33 @@ def extract_features(data: Dataset, encoders: dict[str, Encoder], out: str | Pat
     return report
 
 
-def _run_batches(encoders: dict[str, Encoder], views: dict[str, Sequence[Any]], ids: list[str],
-                 batches: list[tuple[int, int, int]], chunks: list[tuple[int, int, int]], partial: Path,
-                 project: bool, workers: int, progress: bool, initial: int,
-                 on_chunk: Callable[[int, int], None] | None) -> None:
-    """Encode ``batches`` in order, writing each chunk to ``partial`` once its last batch is done."""
+def _prepared_batches(encoders: dict[str, Encoder], views: dict[str, Sequence[Any]], ids: list[str],
+                      batches: list[tuple[int, int, int]], workers: int) -> Iterator[Any]:
+    """``((chunk, b0, b1), prepared, bad)`` for each batch, in order.
+
+    With ``workers``, the DataLoader's worker processes start (fork) at once and take
+    batches 1, 2, ...; batch 0 is prepared here meanwhile, so the encoders never wait
+    for a worker's start-up (fork of a process holding the models, then its first batch).
+    """
     if not batches:
-        return
+        return iter(())
+    if workers == 0 or len(batches) == 1:
+        return iter(torch.utils.data.DataLoader(_Batches(encoders, views, ids, batches), batch_size=None,
+                                                num_workers=0, collate_fn=_identity))
+    import os
+    from itertools import chain
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads do not survive fork
+    rest = iter(torch.utils.data.DataLoader(_Batches(encoders, views, ids, batches[1:]), batch_size=None,
+                                            num_workers=workers, collate_fn=_identity))
+    return chain([_Batches(encoders, views, ids, batches[:1])[0]], rest)
+
+
+def _run_batches(encoders: dict[str, Encoder], ids: list[str], loader: Iterator[Any],
+                 chunks: list[tuple[int, int, int]], project: bool, progress: bool, initial: int,
+                 finished: Callable[[int, ChunkResult], None]) -> None:
+    """Encode the prepared batches in order; ``finished(c, result)`` once chunk ``c``'s last batch is done."""
     from tqdm.auto import tqdm
 
-    if workers > 0:
-        import os
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads do not survive fork
-    loader = torch.utils.data.DataLoader(_Batches(encoders, views, ids, batches), batch_size=None,
-                                         num_workers=workers, collate_fn=_identity)
     bounds = {c: (s, e) for c, s, e in chunks}
     dims = {m: output_dim(enc, project) for m, enc in encoders.items()}
     current: int | None = None
@@ -453,27 +467,22 @@ def _run_batches(encoders: dict[str, Encoder], views: dict[str, Sequence[Any]], 
                 bad.examples.setdefault(k, v)
             bar.update(b1 - b0)
             if b1 == e:
-                _write_chunk(_chunk_path(partial, c), feats, masks, bad)
+                finished(c, (feats, masks, bad))
                 current = None
-                if on_chunk is not None:
-                    on_chunk(c, len(chunks))
 
 
-def _assemble(partial: Path, chunks: list[tuple[int, int, int]], encoders: dict[str, Encoder],
+def _assemble(results: list[ChunkResult], encoders: dict[str, Encoder],
               project: bool) -> tuple[dict[str, FeatureTable], BadMedia]:
-    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in encoders}
+    """The chunks' rows, in order, as one table per modality, and their bad-media counts."""
     bad = BadMedia()
-    for c, _, _ in chunks:
-        got, chunk_bad = _read_chunk(_chunk_path(partial, c), list(encoders))
-        for m, pair in got.items():
-            parts[m].append(pair)
+    for _, _, chunk_bad in results:
         bad.counts.update(chunk_bad.counts)
         for k, v in chunk_bad.examples.items():
             bad.examples.setdefault(k, v)
     tables = {}
     for m, enc in encoders.items():
-        feats = torch.cat([p[0] for p in parts[m]])
-        mask = torch.cat([p[1] for p in parts[m]])
+        feats = torch.cat([r[0][m] for r in results])
+        mask = torch.cat([r[1][m] for r in results])
         spec = json.dumps(enc.spec, default=str)
         tables[m] = FeatureTable(feats, mask, {"modality": m, "encoder": str(enc.spec.get("name", "")),
                                                "spec": spec, "kind": "projected" if project else "backbone",

@@ -38,9 +38,12 @@ class _Gather:
     """All-gather along the batch axis; ranks may hold different batch sizes.
 
     Tensors are padded to the largest local batch for the collective and the
-    padding is cut off afterwards. ``with_grad`` uses the autograd-aware
-    ``torch.distributed.nn.functional.all_gather``: the gradient of each gathered
-    row flows back to the rank that owns it (summed over the ranks' losses).
+    padding is cut off afterwards. ``with_grad`` uses the functional collective
+    ``all_gather_single`` (``torch.distributed._functional_collectives``, what torch
+    recommends in place of the deprecated ``torch.distributed.nn.functional.all_gather``):
+    its backward is a sum reduce-scatter, so the gradient of each gathered row flows
+    back to the rank that owns it, summed over the ranks' losses (open_clip's
+    ``gather_with_grad=True``).
     """
 
     def __init__(self, local_size: int, device: torch.device) -> None:
@@ -57,8 +60,9 @@ class _Gather:
 
     def __call__(self, x: Tensor, with_grad: bool) -> Tensor:
         if with_grad:
-            from torch.distributed.nn.functional import all_gather
-            parts = all_gather(self._pad(x))
+            from torch.distributed import _functional_collectives as funcol
+            full = funcol.all_gather_single(self._pad(x), 0, dist.group.WORLD)
+            parts = list(full.split(self.max))
         else:
             dtype = x.dtype
             y = self._pad(x.to(torch.long) if dtype == torch.bool else x)

@@ -391,10 +391,13 @@ class PretrainTrainer:
             self.net = model
 
     def _freeze_unused(self) -> list[str]:
-        """Stop gradients into parameters no loss reaches (e.g. BERT's pooler under mean pooling).
+        """Stop gradients into parameters no loss reaches, before DDP wraps the model.
 
         DDP waits for a gradient of every trainable parameter; one probe step on the first
-        batch finds those that never get one (on any rank). The probe leaves no trace: RNG
+        batch finds those that never get one (on any rank). The built-in encoders leave none
+        (text models are built without BERT's pooler, open_clip towers without the other
+        tower): the probe is a safety net for other backbones, e.g. a local transformers
+        directory whose model has parts a pooled encoder skips. It leaves no trace: RNG
         states and buffers (BatchNorm statistics) are restored, gradients dropped.
         """
         model, info = self.model, self.info
