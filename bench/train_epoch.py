@@ -31,7 +31,12 @@ Protocol per arm: build the model (timed: ``setup``), one untimed warm-up epoch 
 time is *estimated* as ``epoch_start + first_step + (n_batches - 1) * step`` (a full
 epoch of the dense arm takes hours on a CPU; measured steps are a subset).
 
-    python bench/train_epoch.py --items 20000 --device cpu --steps 3
+On a shared CPU machine use ``--threads 1``: with 2 OpenMP threads on 2 busy cores every
+parallel op waits at a barrier for a descheduled thread (and spins meanwhile), which
+inflates both wall and CPU time of steps made of many small ops (FREEDOM, same code: 1.45 s CPU
+per step with 2 threads at load 10, 0.18 s with 1) and hides the difference between the arms.
+
+    python bench/train_epoch.py --items 20000 --device cpu --steps 3 --threads 1
     python bench/train_epoch.py --items 20000 --device cuda --steps 20
 """
 
@@ -424,6 +429,7 @@ def worker(a: argparse.Namespace) -> dict:
     out["epoch_estimate"] = out["epoch_start"] + out["first_step"] + (n_batches - 1) * out["step"]
     out["epoch_estimate_cpu"] = out["epoch_start_cpu"] + out["first_step_cpu"] + (n_batches - 1) * out["step_cpu"]
     out["peak_rss_over_data"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+    out["load_end"] = os.getloadavg()[0]   # 1-min load average when the arm finished (shared machine)
     if dev.type == "cuda":
         out["peak_cuda"] = torch.cuda.max_memory_allocated() - base_cuda
     return out
@@ -481,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
         results += list(rows.values())
         print(f"\n## {case}")
         print("arm         setup s  first step s (cpu)  step s (cpu)   epoch est. s (cpu)  peak RSS GiB  "
-              "peak CUDA GiB  max|Δ| vs sparse")
+              "peak CUDA GiB  max|Δ| vs sparse  load")
         for arm, r in rows.items():
             if "error" in r:
                 print(f"{arm:<11} {r['error']}")
@@ -489,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{arm:<11} {r['setup']:7.2f}  {r['first_step']:7.2f} ({r['first_step_cpu']:7.2f})  "
                   f"{r['step']:6.3f} ({r['step_cpu']:6.3f})  {r['epoch_estimate']:8.1f} ({r['epoch_estimate_cpu']:8.1f})  "
                   f"{_gib(r['peak_rss_over_data']):>12}  {_gib(r.get('peak_cuda')):>13}  "
-                  f"{r.get('max_abs_diff_vs_sparse', 0):.1e}")
+                  f"{r.get('max_abs_diff_vs_sparse', 0):.1e}  {r.get('load_end', 0):5.1f}")
         s, d = rows["sparse"], rows[arms[1]]
         if "error" not in s and "error" not in d:
             print(f"ratios {arms[1]}/sparse: epoch {d['epoch_estimate'] / s['epoch_estimate']:.1f}x wall, "

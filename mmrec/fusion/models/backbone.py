@@ -12,6 +12,9 @@ r"""What VBPR, LATTICE, MICRO and FREEDOM share: sparse graphs, the LightGCN bac
   scoring plumbing of the graph models.
 - :func:`encode_rows`: the content encoder's steps on the batch's items only (a BPR step
   never needs the whole catalogue's projected features).
+- :func:`spmm_rows` / :meth:`ContentGraphRecommender.ui_propagate_rows`: the last
+  propagation step for the batch's rows only (its earlier layers in full), for models
+  whose loss reads nothing but the batch's final embeddings (FREEDOM).
 
 **Cold items.** An item without a training interaction has an ID embedding that no
 positive pair ever trained, so its random initial value is noise. These models multiply
@@ -23,6 +26,7 @@ embeddings) in LATTICE/MICRO/FREEDOM, through ``θ_uᵀ E f_i`` in VBPR.
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -71,6 +75,31 @@ def ui_adjacency(users: Tensor, items: Tensor, n_users: int, n_items: int, norm:
     return to_adj_t(edge_index, w, n), to_adj_t(edge_index.flip(0), w, n)
 
 
+def rows_csr(adj_t: Tensor, rows: Tensor) -> Tensor:
+    """The CSR sub-matrix ``adj_t[rows]`` [len(rows), N] (index arrays only; no dense work)."""
+    crow, col, val = adj_t.crow_indices(), adj_t.col_indices(), adj_t.values()
+    start = crow[rows]
+    count = crow[rows + 1] - start
+    ends = torch.cumsum(count, 0)
+    seg = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), count)  # sub-row of each edge
+    edge = start[seg] + torch.arange(seg.numel(), device=rows.device) - (ends - count)[seg]
+    sub_crow = torch.cat([ends.new_zeros(1), ends])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        return torch.sparse_csr_tensor(sub_crow, col[edge], val[edge], (rows.numel(), adj_t.shape[1]))
+
+
+def spmm_rows(adj_t: Tensor, rows: Tensor, x: Tensor) -> Tensor:
+    """``(adj_t @ x)[rows]`` from those CSR rows only: O(nnz of the rows · d), differentiable in ``x``.
+
+    A BPR step reads the final embeddings of its batch's users and items only, so the
+    last propagation step (and its backward) needs the batch's rows of the adjacency,
+    not all of it: a CSR ``spmm`` on the sub-matrix of those rows (torch's backward
+    transposes that small matrix). Same sums as the full product.
+    """
+    return torch.sparse.mm(rows_csr(adj_t, rows), x.to(adj_t.dtype))
+
+
 class UserItemGraph(SparseGraphs):
     """Graph 0: the full normalised adjacency; graph 1: the one training propagates on.
 
@@ -115,6 +144,12 @@ class UserItemGraph(SparseGraphs):
         adj_t = self.adj_t(k)
         adj = getattr(self, f"adj_{k}")
         return propagate(adj_t, x.to(adj_t.dtype), adj_t if adj is None else adj)
+
+    def propagate_rows(self, k: int, rows: Tensor, x: Tensor) -> Tensor:
+        """``propagate(k, x)[rows]``, computed from those rows of the adjacency only."""
+        if k == 1 and self.pruning is None:
+            k = 0
+        return spmm_rows(self.adj_t(k), rows, x)
 
 
 def edge_filtration(config) -> tuple[str | None, object | None]:
@@ -184,6 +219,10 @@ class FrozenItemGraph(SparseGraphs):
 
     def propagate(self, k: int, x: Tensor) -> Tensor:
         return propagate(self.adj_t_0, x.to(self.adj_t_0.dtype), self.adj_0)
+
+    def propagate_rows(self, rows: Tensor, x: Tensor) -> Tensor:
+        """``propagate(0, x)[rows]`` from those rows only (a step that needs a batch's items)."""
+        return spmm_rows(self.adj_t_0, rows, x)
 
 
 def mix_graphs(graphs: list[tuple[Tensor | float, Tensor, Tensor]], num_nodes: int) -> tuple[Tensor, Tensor]:
@@ -268,6 +307,28 @@ class ContentGraphRecommender(GraphRecommender):
         out = self.encoder(x, self.graph, 1 if self.training else 0)
         return out[: self.n_users], out[self.n_users:]
 
+    def ui_propagate_rows(self, items: Tensor, user_rows: Tensor, item_rows: Tensor) -> tuple[Tensor, Tensor]:
+        """``ui_propagate(items)`` at the given users and items only (a training step's batch).
+
+        LightGCN's output is Σ_l α_l A^l x; every layer but the last is computed in full
+        (the next one reads all of it), the last one for the wanted rows only
+        (:func:`spmm_rows`), and the layer mean is taken on those rows: the same numbers
+        as :meth:`ui_propagate`, with the last ``spmm`` and its backward shrunk to the
+        batch's edges. Uses the training graph when training, as ``ui_propagate``.
+        """
+        x = torch.cat([self.user_emb.weight, items])
+        rows = torch.cat([user_rows, item_rows + self.n_users])
+        k = 1 if self.training else 0
+        alpha, layers = self.encoder.alpha, self.encoder.layers
+        out = x[rows] * alpha[0]
+        for layer in range(layers):
+            if layer == layers - 1:
+                out = out + self.graph.propagate_rows(k, rows, x) * alpha[layer + 1]
+            else:
+                x = self.graph.propagate(k, x)
+                out = out + x[rows] * alpha[layer + 1]
+        return out[: user_rows.numel()], out[user_rows.numel():]
+
     # -- training ---------------------------------------------------------------------
     def training_batches(self, data: Dataset, batch_size: int, rng: np.random.Generator) -> Iterator[dict[str, Tensor]]:
         """Start of an epoch: re-sample the pruned graph (seeded from ``rng``), then BPR triples."""
@@ -298,4 +359,5 @@ def check_positive(name: str, value: float | int, allow_zero: bool = False) -> N
 
 
 __all__ = ["ContentGraphRecommender", "FrozenItemGraph", "ItemGraph", "UserItemGraph", "UI_NORMS", "bpr",
-           "check_positive", "content_encoder", "edge_filtration", "encode_rows", "frozen_source", "mix_graphs", "ui_adjacency", "warm_items"]
+           "check_positive", "content_encoder", "edge_filtration", "encode_rows", "frozen_source", "mix_graphs",
+           "rows_csr", "spmm_rows", "ui_adjacency", "warm_items"]

@@ -18,6 +18,11 @@ Multimodal Recommendation", ACM MM 2023), sparse, following the official code (e
 
 With ``fusion`` set to a ``FUSIONS`` name the feature term is one BPR on the fused content
 vector instead of one per modality (an mmrec extension; the default ``None`` is the paper).
+
+**Cost per step.** The code runs the full forward (every user and item) at each step; the
+loss reads the batch's rows only, so :meth:`FREEDOM.loss` computes the last LightGCN layer,
+the item-graph step and the feature projections for the batch's unique users and items
+(:meth:`FREEDOM.batch_representations`): same values and gradients, a fraction of the work.
 """
 
 from __future__ import annotations
@@ -133,22 +138,47 @@ class FREEDOM(ContentGraphRecommender):
         users, items = self.ui_propagate(e)
         return users, items + h
 
+    def batch_representations(self, users: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
+        """``compute_representations()`` at the given (unique) users and items only.
+
+        The BPR terms read the batch's rows; the last LightGCN layer and the item-graph
+        step are computed for those rows alone (:meth:`ui_propagate_rows`,
+        ``propagate_rows``), the earlier layers in full. Same values and gradients as
+        indexing the full forward (tested), at a fraction of its cost per step.
+        """
+        e = self.item_id_weight()
+        h = e
+        for layer in range(self.config.item_layers):
+            if layer == self.config.item_layers - 1:
+                h = self.item_graph.propagate_rows(items, h)
+            else:
+                h = self.item_graph.propagate(0, h)
+        if self.config.item_layers == 0:
+            h = e[items]
+        user_out, item_out = self.ui_propagate_rows(e, users, items)
+        return user_out, item_out + h
+
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
-        users, items = self._fresh()
+        self._cache = None
         u, i, j = batch["user"], batch["pos"], batch["neg"]
-        ue = users[u]
-        loss = bpr((ue * items[i]).sum(-1), (ue * items[j]).sum(-1))
+        users, uinv = torch.unique(u, return_inverse=True)
+        items, iinv = torch.unique(torch.cat([i, j]), return_inverse=True)
+        user_out, item_out = self.batch_representations(users, items)
+        ue, ie, je = user_out[uinv], item_out[iinv[: len(i)]], item_out[iinv[len(i):]]
+        loss = bpr((ue * ie).sum(-1), (ue * je).sum(-1))
         if self.config.feature_weight > 0:
-            loss = loss + self.config.feature_weight * self.feature_loss(ue, i, j)
+            loss = loss + self.config.feature_weight * self.feature_loss(ue, i, j, (items, iinv))
         return loss
 
-    def feature_loss(self, ue: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    def feature_loss(self, ue: Tensor, i: Tensor, j: Tensor,
+                     unique: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Σ_m BPR(ê_u, x̃^m_i, x̃^m_j) (official ``mf_t_loss + mf_v_loss``), or one term on the fusion.
 
         Only the batch's items are projected (the code projects the whole table each
         step; the rows it reads, hence values and gradients, are the same).
+        ``unique``: ``torch.unique(cat([i, j]), return_inverse=True)`` when already known.
         """
-        rows, inverse = torch.unique(torch.cat([i, j]), return_inverse=True)
+        rows, inverse = unique if unique is not None else torch.unique(torch.cat([i, j]), return_inverse=True)
         pi, pj = inverse[: len(i)], inverse[len(i):]
         out = encode_rows(self.content, rows, self.item_emb(rows) * self.warm[rows], fuse=bool(self.config.fusion))
         parts = {"fused": out} if self.config.fusion else out
