@@ -169,11 +169,28 @@ class ItemContentEncoder(nn.Module):
     def modality_embeddings(self, id_emb: Tensor | None = None) -> tuple[Parts, Parts]:
         """Projected (and filtered) modality embeddings [n, dim] with their masks."""
         feats, masks = self.source()
+        return self._project(feats, masks, id_emb), masks
+
+    def encode_rows(self, rows: Tensor, id_rows: Tensor | None = None, fuse: bool = True) -> Tensor | Parts:
+        """``self(id_emb)[rows]`` (or the rows of ``modality_embeddings``), computed for ``rows`` only.
+
+        Projection, mask, filtration and fusion act on each item separately, so a BPR step
+        that needs a batch's items projects those, not the whole catalogue: same values,
+        same gradients. ``id_rows``: the ID embeddings of ``rows`` (what a filtration reads).
+        """
+        feats, masks = self.source()
+        feats = {m: feats[m][rows] for m in self.modalities}
+        masks = {m: masks[m][rows] for m in self.modalities}
+        parts = self._project(feats, masks, id_rows)
+        return self.fusion(parts, masks, id_rows) if fuse else parts
+
+    def _project(self, feats: Parts, masks: Parts, id_emb: Tensor | None) -> Parts:
+        """Per-modality projection, masked; then the feature filtration, masked again."""
         parts = {m: self.proj[m](feats[m]) * masks[m].unsqueeze(1).to(feats[m].dtype) for m in self.modalities}
         if self.filtration is not None:
             parts = self.filtration(parts, id_emb, masks)
             parts = {m: p * masks[m].unsqueeze(1).to(p.dtype) for m, p in parts.items()}
-        return parts, masks
+        return parts
 
     def forward(self, id_emb: Tensor | None = None) -> Tensor:
         parts, masks = self.modality_embeddings(id_emb)

@@ -27,7 +27,7 @@ is unrelated to behaviour (the content-dependent ``attention`` fusion does that)
 Runs inside :class:`~mmrec.fusion.content.ItemContentEncoder` between the per-modality
 projection and the fusion; ``kind = "features"`` marks it as a feature (not edge)
 filtration. Every operation is per item, so computing it for a subset of rows (as
-``encode_rows`` does) gives the same rows.
+``ItemContentEncoder.encode_rows`` does) gives the same rows.
 """
 
 from __future__ import annotations

@@ -10,8 +10,6 @@ r"""What VBPR, LATTICE, MICRO and FREEDOM share: sparse graphs, the LightGCN bac
   ``spmm`` and a precomputed transpose. Nothing of size N×N is ever formed.
 - :class:`ContentGraphRecommender`: user/item ID embeddings, the warm-item mask and the
   scoring plumbing of the graph models.
-- :func:`encode_rows`: the content encoder's steps on the batch's items only (a BPR step
-  never needs the whole catalogue's projected features).
 - :func:`spmm_rows` / :meth:`ContentGraphRecommender.ui_propagate_rows`: the last
   propagation step for the batch's rows only (its earlier layers in full), for models
   whose loss reads nothing but the batch's final embeddings (FREEDOM).
@@ -253,24 +251,6 @@ def content_encoder(source: nn.Module, dim: int, fusion: str = "sum",
     return ItemContentEncoder(source, dim, fusion, feature_filtration)
 
 
-def encode_rows(content: ItemContentEncoder, rows: Tensor, id_rows: Tensor | None = None,
-                fuse: bool = True) -> Tensor | dict[str, Tensor]:
-    """``content(id_emb)[rows]`` (or its ``modality_embeddings``) computed for ``rows`` only.
-
-    The same steps as :class:`ItemContentEncoder` (projection, mask, filtration, mask,
-    fusion), all of which act on each item separately, so a BPR step that needs a batch's
-    items projects those, not the whole catalogue: same values, same gradients.
-    ``id_rows``: the ID embeddings of ``rows`` (what a feature filtration reads).
-    """
-    feats, masks = content.source()
-    masks = {m: masks[m][rows] for m in content.modalities}
-    parts = {m: content.proj[m](feats[m][rows]) * masks[m].unsqueeze(1).to(feats[m].dtype) for m in content.modalities}
-    if content.filtration is not None:
-        parts = content.filtration(parts, id_rows)
-        parts = {m: p * masks[m].unsqueeze(1).to(p.dtype) for m, p in parts.items()}
-    return content.fusion(parts, masks, id_rows) if fuse else parts
-
-
 def bpr(pos: Tensor, neg: Tensor) -> Tensor:
     """-mean ln σ(pos - neg) (BPR; softplus form is the same number, stable)."""
     return F.softplus(neg - pos).mean()
@@ -359,5 +339,5 @@ def check_positive(name: str, value: float | int, allow_zero: bool = False) -> N
 
 
 __all__ = ["ContentGraphRecommender", "FrozenItemGraph", "ItemGraph", "UserItemGraph", "UI_NORMS", "bpr",
-           "check_positive", "content_encoder", "edge_filtration", "encode_rows", "frozen_source", "mix_graphs",
+           "check_positive", "content_encoder", "edge_filtration", "frozen_source", "mix_graphs",
            "rows_csr", "spmm_rows", "ui_adjacency", "warm_items"]

@@ -39,7 +39,7 @@ from mmrec.fusion.bridge.knn import knn_graph
 from mmrec.fusion.content import ContentFields, FrozenFeatures
 from mmrec.fusion.edge_filtration import DegreeSensitivePruning
 from mmrec.fusion.models.backbone import (ContentGraphRecommender, FrozenItemGraph, UserItemGraph, bpr,
-                                          check_positive, content_encoder, edge_filtration, encode_rows,
+                                          check_positive, content_encoder, edge_filtration,
                                           frozen_source, mix_graphs, warm_items)
 from mmrec.graph.lightgcn import LightGCNEncoder
 from mmrec.models.base import ModelConfig
@@ -180,7 +180,7 @@ class FREEDOM(ContentGraphRecommender):
         """
         rows, inverse = unique if unique is not None else torch.unique(torch.cat([i, j]), return_inverse=True)
         pi, pj = inverse[: len(i)], inverse[len(i):]
-        out = encode_rows(self.content, rows, self.item_emb(rows) * self.warm[rows], fuse=bool(self.config.fusion))
+        out = self.content.encode_rows(rows, self.item_emb(rows) * self.warm[rows], fuse=bool(self.config.fusion))
         parts = {"fused": out} if self.config.fusion else out
         total = ue.new_zeros(())
         for x in parts.values():

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from mmrec.datasets.schema import Dataset
 from mmrec.errors import ConfigError
 from mmrec.fusion.content import ContentFields, build_item_content
-from mmrec.fusion.models.backbone import bpr, check_positive, edge_filtration, encode_rows, warm_items
+from mmrec.fusion.models.backbone import bpr, check_positive, edge_filtration, warm_items
 from mmrec.graph.propagation import GraphRecommender
 from mmrec.models.base import InnerProductScoring, ModelConfig
 from mmrec.registry import MODELS
@@ -138,7 +138,7 @@ class VBPR(InnerProductScoring, GraphRecommender):
         rows, inverse = torch.unique(torch.cat([i, j]), return_inverse=True)
         warm = self.warm[rows]
         gamma_i = self.gamma_item(rows) * warm
-        items = torch.cat([gamma_i, encode_rows(self.content, rows, gamma_i), self.item_biases(rows).unsqueeze(1)], 1)
+        items = torch.cat([gamma_i, self.content.encode_rows(rows, gamma_i), self.item_biases(rows).unsqueeze(1)], 1)
         ue = self.user_side(u)
         pos, neg = items[inverse[: len(i)]], items[inverse[len(i):]]
         loss = bpr((ue * pos).sum(-1), (ue * neg).sum(-1))
