@@ -39,6 +39,7 @@ from mmrec.errors import ConfigError
 from mmrec.fusion.content import FrozenFeatures, ItemContentEncoder, feature_tables, import_all_fusions
 from mmrec.graph.propagation import GraphRecommender, SparseGraphs, propagate, to_adj_t
 from mmrec.registry import FILTRATIONS
+from mmrec.models.base import InnerProductScoring
 
 UI_NORMS = ("sym", "mean-self")
 
@@ -256,7 +257,7 @@ def bpr(pos: Tensor, neg: Tensor) -> Tensor:
     return F.softplus(neg - pos).mean()
 
 
-class ContentGraphRecommender(GraphRecommender):
+class ContentGraphRecommender(InnerProductScoring, GraphRecommender):
     """User/item ID embeddings on a (LightGCN) user–item backbone, cold items from content.
 
     Subclasses set ``self.graph`` (a :class:`UserItemGraph`), ``self.encoder`` (a
@@ -319,18 +320,6 @@ class ContentGraphRecommender(GraphRecommender):
 
     def start_epoch(self) -> None:
         """Hook for per-epoch work (LATTICE/MICRO: learn the item graph at the next step)."""
-
-    # -- scoring ------------------------------------------------------------------------
-    def score_all(self, users: Tensor) -> Tensor:
-        u, i = self.representations()[:2]
-        return u[users] @ i.T
-
-    def score(self, users: Tensor, items: Tensor) -> Tensor:
-        u, i = self.representations()[:2]
-        return (u[users].unsqueeze(1) * i[items]).sum(-1)
-
-    def item_embeddings(self) -> Tensor:
-        return self.representations()[1]
 
 
 def check_positive(name: str, value: float | int, allow_zero: bool = False) -> None:
