@@ -310,7 +310,7 @@ def official_contrastive(z1: torch.Tensor, z2: torch.Tensor, tau: float, batch_s
     return torch.cat(losses).mean()
 
 
-@pytest.mark.parametrize("keep_bytes", [0, 2**20])   # backward recomputes the blocks | keeps the softmax
+@pytest.mark.parametrize("keep_bytes", [0, 2**20])   # blocks of 1 anchor row | of the block size
 def test_infonce_equals_micro_batched_contrastive_loss_blockwise(keep_bytes):
     g = torch.Generator().manual_seed(0)
     z1 = torch.randn(37, 8, generator=g, dtype=torch.float64, requires_grad=True)
