@@ -54,14 +54,15 @@ def test_same_seed_same_numbers(planted_dir: Path, tmp_path: Path):
     assert a["metrics"] == b["metrics"] and a["valid"] == b["valid"]
 
 
-@pytest.mark.parametrize("lr_decay", [1.0, 0.5])
-def test_resume_reaches_the_same_weights(planted_dir: Path, tmp_path: Path, lr_decay: float):
+@pytest.mark.parametrize("lr_decay,steps", [(1.0, None), (0.5, None), (0.5, 3)])
+def test_resume_reaches_the_same_weights(planted_dir: Path, tmp_path: Path, lr_decay: float, steps: int | None):
     from safetensors.torch import load_file
-    full = _cfg(planted_dir, tmp_path / "full", train={"epochs": 4, "lr_decay": lr_decay})
+    sched = {"lr_decay": lr_decay, "lr_decay_steps": steps}
+    full = _cfg(planted_dir, tmp_path / "full", train={"epochs": 4, **sched})
     train(full)
-    part = _cfg(planted_dir, tmp_path / "part", train={"epochs": 2, "lr_decay": lr_decay})
+    part = _cfg(planted_dir, tmp_path / "part", train={"epochs": 2, **sched})
     train(part)
-    resumed = _cfg(planted_dir, tmp_path / "part", resume=True, train={"epochs": 4, "lr_decay": lr_decay})
+    resumed = _cfg(planted_dir, tmp_path / "part", resume=True, train={"epochs": 4, **sched})
     m = train(resumed)
     assert m["epochs"] == 4
     state_full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
@@ -69,6 +70,17 @@ def test_resume_reaches_the_same_weights(planted_dir: Path, tmp_path: Path, lr_d
     for k in state_full:
         assert torch.equal(state_full[k], state_res[k]), k
     assert load_file(tmp_path / "full" / "best.safetensors").keys() == load_file(tmp_path / "part" / "best.safetensors").keys()
+
+
+def test_lr_decay_per_steps_is_a_staircase_over_optimiser_steps(planted_dir: Path, tmp_path: Path):
+    # the CIGF/MB-GMN code decays every decay_step optimiser steps, whatever an epoch's length
+    train(_cfg(planted_dir, tmp_path / "r", train={"epochs": 2, "lr_decay": 0.5, "lr_decay_steps": 3}))
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    steps = state["scheduler"]["last_epoch"]
+    assert steps > 2 * 3  # stepped once per batch (several per epoch), not once per epoch
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.5 ** (steps // 3))
+    with pytest.raises(Exception, match="lr_decay_steps"):
+        train(_cfg(planted_dir, tmp_path / "bad", train={"lr_decay_steps": 0}))
 
 
 def test_early_stopping_stops(planted_dir: Path, tmp_path: Path):

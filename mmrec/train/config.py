@@ -34,6 +34,8 @@ class TrainSection:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's; SASRec uses [0.9, 0.98]
     lr_decay: float = 1.0       # learning rate multiplied by this after every epoch (CIGF/MB-GMN: 0.96)
+    lr_decay_steps: int | None = None  # ... or after every N optimiser steps instead (staircase; the
+                                       # CIGF/MB-GMN code's decay_step = 10000 users // 256 = 39)
     eval_every: int = 1
     patience: int = 5           # evaluations without improvement on valid before stopping
     select: str | None = None   # metric selected on valid; default Recall@20 (full) / NDCG@10 (sampled)

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmrec.datasets.schema import Dataset
-from mmrec.errors import MMRecError
+from mmrec.errors import ConfigError, MMRecError
 from mmrec.models.base import Recommender
 from mmrec.train.checkpoint import load_state, load_weights, save_state, save_weights
 from mmrec.train.config import RunConfig
@@ -71,7 +71,12 @@ class Trainer:
             return result
 
         optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas))
-        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=tc.lr_decay)
+        if tc.lr_decay_steps is not None and tc.lr_decay_steps < 1:
+            raise ConfigError(f"train.lr_decay_steps must be >= 1 (or null for a decay per epoch), got {tc.lr_decay_steps}")
+        # per step: the schedule does not depend on how many steps an epoch has (small datasets)
+        per_step = tc.lr_decay_steps is not None
+        scheduler = (torch.optim.lr_scheduler.StepLR(optimizer, step_size=tc.lr_decay_steps, gamma=tc.lr_decay)
+                     if per_step else torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=tc.lr_decay))
         selection = {"best": -math.inf, "best_epoch": 0, "bad_evals": 0, "valid": {}}
         start_epoch = 1
         if cfg.resume:
@@ -101,8 +106,9 @@ class Trainer:
                 epoch -= 1
                 break
             e0 = time.perf_counter()
-            loss = self._train_epoch(model, data, optimizer, rng, epoch)
-            scheduler.step()
+            loss = self._train_epoch(model, data, optimizer, rng, epoch, scheduler if per_step else None)
+            if not per_step:
+                scheduler.step()
             record: dict[str, Any] = {"epoch": epoch, "loss": loss}
             if epoch % tc.eval_every == 0 or epoch == tc.epochs:
                 valid = self.evaluator(model, data, "valid")
@@ -131,7 +137,8 @@ class Trainer:
         return result
 
     def _train_epoch(self, model: Recommender, data: Dataset, optimizer: torch.optim.Optimizer,
-                     rng: np.random.Generator, epoch: int) -> float:
+                     rng: np.random.Generator, epoch: int,
+                     step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
         tc = self.cfg.train
         model.train()
         device = model.device
@@ -153,6 +160,8 @@ class Trainer:
             if tc.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
+            if step_scheduler is not None:
+                step_scheduler.step()
             total += float(loss.detach())
             n += 1
             bar.set_postfix(loss=f"{total / n:.4f}")
