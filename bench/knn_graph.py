@@ -157,7 +157,8 @@ def worker(a: argparse.Namespace) -> dict:
     elif a.worker == "faiss":
         import faiss
         faiss.omp_set_num_threads(a.threads)
-        t, g = _timed(lambda: knn_graph(x, a.k, backend=a.ann), a.device, 1)
+        opts = json.loads(a.ann_options) if a.ann_options else None
+        t, g = _timed(lambda: knn_graph(x, a.k, backend=a.ann, backend_options=opts), a.device, 1)
         out.update(seconds=t, edges=g.num_edges, cpu_seconds=_CPU[0])
         out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         # recall of the true top-k on a seeded sample of queries (exact, blockwise, untimed)
@@ -190,7 +191,7 @@ def worker(a: argparse.Namespace) -> dict:
 def _run_worker(a: argparse.Namespace, kind: str, data: Path, estimate: bool = False,
                 repeat: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--data", str(data), "--k", str(a.k),
-           "--device", a.device, "--threads", str(a.threads), "--ann", a.ann,
+           "--device", a.device, "--threads", str(a.threads), "--ann", a.ann, "--ann-options", a.ann_options,
            "--repeat", str(repeat or (a.repeat_small if _n_of(data) <= 20_000 else 1)),
            "--recall-queries", str(a.recall_queries), "--estimate-rows", str(a.estimate_rows)]
     if a.block_size:
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--ann", default="faiss-hnsw", help="approximate backend to compare")
+    p.add_argument("--ann-options", default="", help='JSON backend options, e.g. \'{"m": 16, "ef_construction": 20}\'')
     p.add_argument("--block-size", type=int, default=None, help="default: from the memory budget")
     p.add_argument("--exact-max", type=int, default=200_000,
                    help="above this N, time exact/bare on --estimate-rows rows and extrapolate")
@@ -276,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     print(f"machine: {_machine()}")
     print(f"torch {torch.__version__} ({a.threads} threads), faiss {faiss.__version__}, "
-          f"device {a.device}, d={a.dim}, k={a.k}, ann={a.ann}")
+          f"device {a.device}, d={a.dim}, k={a.k}, ann={a.ann} {a.ann_options}")
     results = []
     with tempfile.TemporaryDirectory(prefix="mmrec-knn-bench-") as tmp:
         for n in a.sizes:
@@ -295,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
             for kind in ("bare", "exact"):
                 if kind not in a.skip:
                     row[kind] = _run_worker(a, kind, data, estimate=est)
-            if a.paired and not {"bare", "exact"} & set(a.skip):
+            if a.paired and not {"bare", "exact"} <= set(a.skip):  # --skip bare: exact alone + paired
                 row["paired"] = _run_worker(a, "paired", data, estimate=est, repeat=a.paired)
             if "faiss" not in a.skip:
                 row["faiss"] = _run_worker(a, "faiss", data)

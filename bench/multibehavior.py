@@ -265,6 +265,7 @@ def worker_train(a: argparse.Namespace) -> dict:
     t0 = _clock()
     data = load_data(a.data, a.subsample, a.seed)
     t_data = time.perf_counter() - t0[0]
+    data_rss = _rss()  # the data alone: "over data" below is what the model and its variant add
     torch.manual_seed(a.seed)
     overrides = {"users_per_epoch": a.users_per_epoch} if a.users_per_epoch >= 0 else {}
     model = create_model(a.model, data, _recipe(a.model, overrides))
@@ -313,7 +314,7 @@ def worker_train(a: argparse.Namespace) -> dict:
             "step_seconds": walls, "step_cpu_seconds": cpus, "sample_seconds": samp, "rows": rows,
             "steps_per_epoch": -(-min(model.config.users_per_epoch or n_active, n_active) // a.batch_size),
             "users_per_epoch": model.config.users_per_epoch, "threads": a.threads,
-            "base_rss": base, "peak_rss": _peak_rss(), "load": [load0, os.getloadavg()[0]]}
+            "data_rss": data_rss, "base_rss": base, "peak_rss": _peak_rss(), "load": [load0, os.getloadavg()[0]]}
 
 
 def _mask_csr(data, split: str):
@@ -464,7 +465,7 @@ def _describe_train(r: dict) -> str:
         line += f" | epoch {r['loop_seconds']:.1f} s wall, {r['loop_cpu_seconds']:.1f} cpu (measured)"
     else:
         line += f" | epoch ~{(step + _mean(r['sample_seconds'])) * r['steps_per_epoch']:.1f} s (projected)"
-    return (line + f" | peak {r['peak_rss'] / GIB:.2f} GiB (+{(r['peak_rss'] - r['base_rss']) / GIB:.2f} over setup)"
+    return (line + f" | peak {r['peak_rss'] / GIB:.2f} GiB (+{(r['peak_rss'] - r['data_rss']) / GIB:.2f} over data)"
             f" | setup {r['setup_seconds']:.1f} s | load {r['load'][0]:.1f}->{r['load'][1]:.1f}")
 
 
@@ -481,12 +482,13 @@ def section_train(a: argparse.Namespace, report: dict) -> None:
               f"(--dense-max-gib {a.dense_max_gib}, MemAvailable {avail / GIB:.1f} GiB): "
               f"both variants run on a subsample of {sub} users")
     data_args = ["--data", a.data, "--subsample", str(sub)]
-    print(f"  same {a.steps} batches per variant after 1 untimed warm-up step; sparse also runs one whole "
-          f"epoch ({a.users_per_epoch if a.users_per_epoch >= 0 else 'recipe'} users)", flush=True)
+    print(f"  same {a.steps} batches per variant after 1 untimed warm-up step"
+          + (f"; sparse also runs one whole epoch ({a.users_per_epoch if a.users_per_epoch >= 0 else 'recipe'} users)"
+             if a.epoch else ""), flush=True)
     results = {}
     for model in a.models:
         variants = [("sparse", "fast")] + ([("dense", "fast")] if model in a.dense_models else [])
-        if model == "mbgmn":
+        if model == "mbgmn" and a.reference:
             variants.append(("sparse", "reference"))
         for graph, variant in variants:
             name = f"{model}/{graph}" + ("/reference-predictor" if variant == "reference" else "")
@@ -506,7 +508,7 @@ def section_train(a: argparse.Namespace, report: dict) -> None:
         if sp_ and de:
             print(f"  ratio  {model} dense / sparse step time: {_mean(de['step_seconds']) / _mean(sp_['step_seconds']):.2f} wall, "
                   f"{_mean(de['step_cpu_seconds']) / _mean(sp_['step_cpu_seconds']):.2f} cpu; "
-                  f"peak memory over setup {(de['peak_rss'] - de['base_rss']) / max(1, sp_['peak_rss'] - sp_['base_rss']):.1f}x, "
+                  f"peak memory over data {(de['peak_rss'] - de['data_rss']) / max(1, sp_['peak_rss'] - sp_['data_rss']):.1f}x, "
                   f"peak total {de['peak_rss'] / sp_['peak_rss']:.1f}x")
         ref = ok.get(f"{model}/sparse/reference-predictor")
         if sp_ and ref:
