@@ -94,6 +94,25 @@ def test_memory_budget_sets_block_size():
     torch.testing.assert_close(g.to_sparse_coo().to_dense(), dense_reference(x, 3), rtol=0, atol=1e-12)
 
 
+def test_column_tiles_when_a_block_would_have_few_rows(monkeypatch):
+    # at ~1M items the budget leaves few rows per GEMM; then columns are tiled (same buffer)
+    monkeypatch.setattr(knn_mod, "MIN_BLOCK_ROWS", 16)
+    x = rand(97, 8)
+    budget = 97 * 8 * 3  # 3 rows of 97 -> 16 rows of 18 columns: 6 tiles, the last partial
+    g = knn_graph(x, k=5, memory_budget=budget)
+    torch.testing.assert_close(g.to_sparse_coo().to_dense(), dense_reference(x, 5), rtol=0, atol=1e-12)
+    rows = torch.tensor([96, 0, 40, 41, 17] * 4)
+    xn = torch.nn.functional.normalize(x, dim=1)
+    val, ind = exact_topk(xn, 5, rows=rows, memory_budget=budget)
+    s = (xn @ xn.T).fill_diagonal_(NEG_INF)[rows]
+    ref_val, ref_ind = s.topk(5, dim=1)
+    assert torch.equal(ind, ref_ind)
+    torch.testing.assert_close(val, ref_val, rtol=0, atol=1e-12)
+    mask = torch.rand(97, generator=torch.Generator().manual_seed(3)) > 0.3
+    g = knn_graph(x, k=4, mask=mask, memory_budget=budget)
+    torch.testing.assert_close(g.to_sparse_coo().to_dense(), dense_reference(x, 4, mask), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("normalize", ["sym", "row", None])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("weighted", [True, False])

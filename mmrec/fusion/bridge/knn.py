@@ -45,6 +45,7 @@ NORMALIZATIONS: Registry = Registry("graph normalisation")
 
 AUTO_EXACT_MAX = 200_000          # `auto`: exact search up to this many items, faiss above
 DEFAULT_CPU_BUDGET = 256 * 2**20  # bytes for the [B, N] similarity block on CPU
+MIN_BLOCK_ROWS = 512  # fewer query rows per GEMM than this: tile the columns instead
 MAX_CUDA_BUDGET = 2 * 2**30       # on CUDA: a quarter of free memory, at most this
 
 
@@ -250,6 +251,10 @@ def exact_topk(x: Tensor, k: int, *, rows: Tensor | None = None, exclude_self: b
         raise ConfigError(f"k={k} neighbours requested among {n} items")
     b = block_size or auto_block_size(n, x.element_size(), x.device, memory_budget)
     b = max(1, min(b, m))
+    if block_size is None and b < MIN_BLOCK_ROWS <= m:
+        # Few rows per block means each GEMM streams all of x for little work (memory-bound
+        # at ~1M items): take more rows and tile the columns instead, same buffer size.
+        return _exact_topk_tiled(x, k, rows, exclude_self, MIN_BLOCK_ROWS, max(k, b * n // MIN_BLOCK_ROWS))
     values = torch.empty((m, k), dtype=x.dtype, device=x.device)
     index = torch.empty((m, k), dtype=torch.long, device=x.device)
     buf = torch.empty((b, n), dtype=x.dtype, device=x.device)
@@ -267,6 +272,36 @@ def exact_topk(x: Tensor, k: int, *, rows: Tensor | None = None, exclude_self: b
             if exclude_self:
                 out[torch.arange(e - s, device=x.device), q] = float("-inf")
         torch.topk(out, k, dim=1, out=(values[s:e], index[s:e]))
+    return values, index
+
+
+def _exact_topk_tiled(x: Tensor, k: int, rows: Tensor | None, exclude_self: bool, b: int,
+                      tile: int) -> tuple[Tensor, Tensor]:
+    """:func:`exact_topk` over [b, tile] blocks: a top-k per column tile, merged into a running top-k."""
+    n = x.shape[0]
+    m = n if rows is None else rows.shape[0]
+    tile = min(tile, n)
+    values = torch.empty((m, k), dtype=x.dtype, device=x.device)
+    index = torch.empty((m, k), dtype=torch.long, device=x.device)
+    buf = torch.empty((b, tile), dtype=x.dtype, device=x.device)
+    for s in range(0, m, b):
+        e = min(m, s + b)
+        q = torch.arange(s, e, device=x.device) if rows is None else rows[s:e].to(x.device)
+        xq = x[s:e] if rows is None else x[q]
+        best_v = torch.full((e - s, k), float("-inf"), dtype=x.dtype, device=x.device)
+        best_i = torch.zeros((e - s, k), dtype=torch.long, device=x.device)
+        for c in range(0, n, tile):
+            d = min(n, c + tile)
+            out = buf[: e - s, : d - c]
+            torch.mm(xq, x[c:d].T, out=out)
+            if exclude_self:
+                hit = (q >= c) & (q < d)
+                out[hit.nonzero().squeeze(1), q[hit] - c] = float("-inf")
+            tv, ti = torch.topk(out, min(k, d - c), dim=1)
+            cand_v, cand_i = torch.cat([best_v, tv], 1), torch.cat([best_i, ti + c], 1)
+            best_v, pos = torch.topk(cand_v, k, dim=1)
+            best_i = cand_i.gather(1, pos)
+        values[s:e], index[s:e] = best_v, best_i
     return values, index
 
 
