@@ -12,6 +12,23 @@ so the script can be stopped and resumed.
         --runs runs/results --epochs 60
     python bench/results.py --table runs/results/results.jsonl --metrics sampled:HR@10 sampled:NDCG@10 \\
         full:Recall@20 full:NDCG@20
+
+Variants: ``--variant LABEL=MODEL[:KEY=VALUE[;KEY=VALUE...]]`` trains MODEL with those
+``--set`` overrides and stores the row under ``"model": LABEL`` (plus ``"base_model"`` and
+``"overrides"``), so one results.jsonl holds e.g. ``vbpr[text]``, ``vbpr[image]`` and
+``vbpr[text+image]``; a label is run wherever ``--models`` names it. ``--model-set``
+lines apply by label or by base model name::
+
+    python bench/results.py --data ../shared/data/ml100k-mm --split random --runs runs/ml100k \\
+        --variant 'vbpr[text]=vbpr:model.features=[text]' --variant 'vbpr[text+image]=vbpr' \\
+        --models lightgcn 'vbpr[text]' 'vbpr[text+image]'
+
+Cold-start columns (``--split cold`` runs; read from the row's ``cold_start`` block):
+``cold:Recall@20`` (measured), ``cold:random:Recall@20`` (the expectation of a uniformly
+random scorer, ``min(K, n) / n`` with ``n = cold_start["n_items"]``: each user's held-out
+cold items are ranked among all n cold items, none of them masked, and Recall divides by
+the user's held-out count, so a random top-K holds K/n of them in expectation) and
+``cold:Recall@20/random`` (their ratio, per run, then mean ± std).
 """
 
 from __future__ import annotations
@@ -25,15 +42,37 @@ from collections import defaultdict
 from pathlib import Path
 
 
+def parse_variants(specs: list[str] | None) -> dict[str, tuple[str, list[str]]]:
+    """``LABEL=MODEL[:KEY=VALUE[;KEY=VALUE...]]`` -> {label: (model, [overrides])}."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    for spec in specs or []:
+        label, eq, rest = spec.partition("=")
+        model, _, sets = rest.partition(":")
+        if not eq or not label or not model:
+            sys.exit(f"--variant expects LABEL=MODEL[:KEY=VALUE[;KEY=VALUE...]], got '{spec}'")
+        overrides = [x.strip() for x in sets.split(";") if x.strip()]
+        bad = [x for x in overrides if "=" not in x]
+        if bad:
+            sys.exit(f"--variant {label}: overrides must be KEY=VALUE, got {bad}")
+        if label in out:
+            sys.exit(f"--variant {label} given twice")
+        out[label] = (model, overrides)
+    return out
+
+
 def run_one(data: str, model: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
+    """Train ``model`` (a registry name or a ``--variant`` label) once and return its results row."""
     from mmrec.train.config import build_run_config
     from mmrec.train.run import evaluate, train
 
+    base, variant_sets = parse_variants(args.variant).get(model, (model, []))
     sets = list(args.set or [])
     sets.append("train.progress=false")
-    cli = {"model": model, "data": data, "seed": seed, "out": str(out), "protocol": args.protocol,
+    sets += variant_sets
+    cli = {"model": base, "data": data, "seed": seed, "out": str(out), "protocol": args.protocol,
            "split": args.split, "epochs": args.epochs}
-    extra = [s for s in (args.model_set or []) if s.startswith(f"{model}:")]
+    names = {model, base}
+    extra = [s for s in (args.model_set or []) if s.split(":", 1)[0] in names]
     sets += [s.split(":", 1)[1] for s in extra]
     cfg = build_run_config(None, cli, sets)
     t0 = time.perf_counter()
@@ -42,6 +81,9 @@ def run_one(data: str, model: str, seed: int, args: argparse.Namespace, out: Pat
            args.protocol: metrics["metrics"], "best_epoch": metrics["best_epoch"], "epochs": metrics["epochs"],
            "train_seconds": metrics["train_seconds"], "select": metrics["select"],
            "split_kind": metrics["split_kind"], "epoch_budget": cfg.train.epochs}
+    if base != model:
+        row["base_model"] = base
+        row["overrides"] = variant_sets
     if "cold_start" in metrics:
         row["cold_start"] = metrics["cold_start"]
     for protocol in args.also or []:
@@ -52,6 +94,9 @@ def run_one(data: str, model: str, seed: int, args: argparse.Namespace, out: Pat
 
 
 def collect(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     results = runs / "results.jsonl"
@@ -74,6 +119,28 @@ def collect(args: argparse.Namespace) -> None:
                 print(f"    {json.dumps({k: row[k] for k in row if k not in ('data', 'model', 'seed')})}", flush=True)
 
 
+def metric_value(row: dict, spec: str) -> float | None:
+    """One number of a results row: ``PROTOCOL:METRIC`` or a ``cold:...`` column (see module doc)."""
+    proto, _, key = spec.partition(":")
+    if proto != "cold":
+        return row[proto][key] if proto in row and key in row[proto] else None
+    block = row.get("cold_start")
+    if not block:
+        return None
+    name = key.removeprefix("random:").removesuffix("/random")
+    measured = block.get(name)
+    random = None
+    if "@" in name and block.get("n_items"):
+        n, k = int(block["n_items"]), int(name.rsplit("@", 1)[1])
+        if name.startswith("Recall@"):
+            random = min(k, n) / n
+    if key.startswith("random:"):
+        return random
+    if key.endswith("/random"):
+        return measured / random if measured is not None and random else None
+    return measured
+
+
 def table(path: Path, metrics: list[str], models: list[str] | None) -> str:
     """Markdown: one block per dataset, rows = models, cells = mean ± std over seeds."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -92,13 +159,14 @@ def table(path: Path, metrics: list[str], models: list[str] | None) -> str:
                 continue
             cells = []
             for m in metrics:
-                proto, _, key = m.partition(":")
-                vals = [r[proto][key] for r in rs if proto in r and key in r[proto]]
+                vals = [v for v in (metric_value(r, m) for r in rs) if v is not None]
                 if not vals:
                     cells.append("–")
                     continue
-                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                cells.append(f"{statistics.mean(vals):.4f} ± {sd:.4f}")
+                if len(vals) == 1:  # one seed: no spread to report (a "± 0.0000" would claim one)
+                    cells.append(f"{vals[0]:.4f}")
+                    continue
+                cells.append(f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}")
             epochs = "; ".join(f"{r['best_epoch']}/{r['epochs']}" for r in rs)
             out.append(f"| {model} | {len(rs)} | " + " | ".join(cells) + f" | {epochs} |")
     return "\n".join(out)
@@ -114,16 +182,22 @@ def main() -> None:
     ap.add_argument("--split", default=None)
     ap.add_argument("--epochs", type=int, default=None, help="epoch budget (early stopping may end sooner)")
     ap.add_argument("--set", action="append", help="override for every run, e.g. train.eval_every=2")
-    ap.add_argument("--model-set", action="append", help="override for one model: MODEL:key=value")
+    ap.add_argument("--model-set", action="append",
+                    help="override for one model: MODEL:key=value (MODEL: a registry name or a --variant label)")
+    ap.add_argument("--variant", action="append",
+                    help="LABEL=MODEL[:KEY=VALUE[;KEY=VALUE...]]: run MODEL with these overrides, row stored as LABEL")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the runs")
     ap.add_argument("--runs", default="runs/results")
     ap.add_argument("--table", type=Path, help="print the markdown table of a results.jsonl and exit")
-    ap.add_argument("--metrics", nargs="+", default=["full:Recall@20", "full:NDCG@20"])
+    ap.add_argument("--metrics", nargs="+", default=["full:Recall@20", "full:NDCG@20"],
+                    help="PROTOCOL:METRIC, or cold:METRIC, cold:random:Recall@K, cold:Recall@K/random")
     args = ap.parse_args()
     if args.table:
         print(table(args.table, args.metrics, args.models))
         return
     if not args.data or not args.models:
         sys.exit("--data and --models are required (or --table FILE)")
+    parse_variants(args.variant)  # fail on a malformed --variant before the first run
     collect(args)
 
 
