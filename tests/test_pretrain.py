@@ -31,6 +31,15 @@ TINY_IMAGE = "image.args={img_size: 32, data_config: {input_size: [3, 32, 32], c
 TINY_AUDIO = "audio.args={channels: [8, 16], n_mels: 16}"
 
 
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two pre-training runs ended with bit-identical encoder weights and identical logs."""
+    wa, wb = load_file(a / "encoders.safetensors"), load_file(b / "encoders.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert (a / "log.jsonl").read_text().splitlines() == (b / "log.jsonl").read_text().splitlines()
+
+
 def tiny_config(out: Path, *sets: str) -> PretrainConfig:
     return build_pretrain_config(None, {"out": str(out), "data": "synthetic:tiny", "train.progress": False},
                                  [TINY_TEXT, TINY_IMAGE, TINY_AUDIO, *sets])
@@ -278,13 +287,7 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path, tiny, monkeypatch):
     assert state["step"] == 4 and state["position"] == {"epoch": 1, "batch": 2}  # mid-epoch
 
     done = pretrain(tiny_config(b, *sets, "train.resume=true"), data=tiny)
-    wa, wb = load_file(tmp_path / "a" / "encoders.safetensors"), load_file(b / "encoders.safetensors")
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
-    la = (tmp_path / "a" / "log.jsonl").read_text().splitlines()
-    lb = (b / "log.jsonl").read_text().splitlines()
-    assert la == lb  # the redone steps replace the killed run's lines
+    assert_same_run(tmp_path / "a", b)  # the redone steps replace the killed run's log lines
     assert done["metrics"] == ref["metrics"] and done["baseline"] == ref["baseline"]
 
 
