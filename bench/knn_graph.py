@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import current_rss, machine, total_ram
 
 GIB = 2**30
 
@@ -56,11 +57,6 @@ def clustered_vectors(n: int, d: int, seed: int = 0, latent: int = 32,
 
 
 # --------------------------------------------------------------------------- worker side
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
 
 def _sync(device: str) -> None:
     import torch
@@ -100,7 +96,7 @@ def worker(a: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     x = torch.from_numpy(np.load(a.data)).to(a.device)
     n = x.shape[0]
-    base = _rss_bytes()
+    base = current_rss()
     if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -174,7 +170,7 @@ def worker(a: argparse.Namespace) -> dict:
 
     out.setdefault("cpu_seconds", _CPU[0])
     out.setdefault("peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    out["base_rss"] = base if a.device == "cpu" else _rss_bytes()
+    out["base_rss"] = base if a.device == "cpu" else current_rss()
     if a.device == "cuda":
         out["peak_cuda"] = torch.cuda.max_memory_allocated()
         out["base_cuda"] = base
@@ -224,22 +220,6 @@ def _mem(r: dict, device: str) -> str:
     return f"{r['peak_rss'] / GIB:7.2f} GiB (+{(r['peak_rss'] - r['base_rss']) / GIB:.2f} over data)"
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {_ram_gib():.1f} GiB RAM"
-
-
-def _ram_gib() -> float:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -276,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import faiss
     import torch
-    print(f"machine: {_machine()}")
+    print(f"machine: {machine()}")
     print(f"torch {torch.__version__} ({a.threads} threads), faiss {faiss.__version__}, "
           f"device {a.device}, d={a.dim}, k={a.k}, ann={a.ann} {a.ann_options}")
     results = []
@@ -290,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
                 pass
             elif dense_bytes > a.dense_max_gib * GIB:
                 print(f"  dense  skipped: S = X @ X.T needs N^2*4 = {dense_bytes / GIB:.1f} GiB "
-                      f"> --dense-max-gib {a.dense_max_gib} (machine RAM {_ram_gib():.1f} GiB, shared)")
+                      f"> --dense-max-gib {a.dense_max_gib} (machine RAM {(total_ram() / GIB):.1f} GiB, shared)")
             else:
                 row["dense"] = _run_worker(a, "dense", data)
             est = n > a.exact_max
@@ -349,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.json:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from mmrec.io import write_json
-        write_json(a.json, {"machine": _machine(), "args": {k: (str(v) if isinstance(v, Path) else v)
+        write_json(a.json, {"machine": machine(), "args": {k: (str(v) if isinstance(v, Path) else v)
                                                              for k, v in vars(a).items()},
                             "sizes": results})
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
+from _common import peak_rss
 
 LOADERS = ("pandas", "pandas-1-thread", "pandas-factorize", "mmrec")
 
@@ -48,23 +49,12 @@ def make_file(directory: Path, rows: int, seed: int = 0, ids: str = "str") -> Pa
     return path
 
 
-def _peak_rss_kb() -> int:
-    """Peak resident memory of this process image (VmHWM; ru_maxrss would include the parent's, kept across exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def worker(loader: str, directory: Path, repeat: int) -> dict:
     """Runs in a fresh process: import, then time ``repeat`` loads; report best time and peak RSS."""
     import pandas as pd  # noqa: F401  (imported before the baseline memory reading in both workers)
     from mmrec.datasets.canonical import read_canonical
     path = directory / "interactions.tsv"
-    base_kb = _peak_rss_kb()
+    base_kb = peak_rss() // 1024
     times, cpu, n = [], [], 0
     for _ in range(repeat):
         result = None
@@ -85,7 +75,7 @@ def worker(loader: str, directory: Path, repeat: int) -> dict:
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         del result
-    peak_kb = _peak_rss_kb()
+    peak_kb = peak_rss() // 1024
     return {"loader": loader, "best_s": min(times), "times": times, "cpu_s": min(cpu), "rows": n,
             "peak_rss_mb": peak_kb / 1024, "peak_over_imports_mb": (peak_kb - base_kb) / 1024}
 

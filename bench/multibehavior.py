@@ -40,13 +40,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import current_rss, machine, peak_rss, total_ram
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -226,22 +226,6 @@ def mesi_reference_score_all(head):
 
 # --------------------------------------------------------------------------- worker side
 
-def _peak_rss() -> int:
-    """Peak resident bytes of this process image (VmHWM); ru_maxrss where /proc is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _recipe(name: str, overrides: dict) -> dict:
     from mmrec.config import load_yaml
 
@@ -265,7 +249,7 @@ def worker_train(a: argparse.Namespace) -> dict:
     t0 = _clock()
     data = load_data(a.data, a.subsample, a.seed)
     t_data = time.perf_counter() - t0[0]
-    data_rss = _rss()  # the data alone: "over data" below is what the model and its variant add
+    data_rss = current_rss()  # the data alone: "over data" below is what the model and its variant add
     torch.manual_seed(a.seed)
     overrides = {"users_per_epoch": a.users_per_epoch} if a.users_per_epoch >= 0 else {}
     model = create_model(a.model, data, _recipe(a.model, overrides))
@@ -274,7 +258,7 @@ def worker_train(a: argparse.Namespace) -> dict:
         model.graphs = dense_graphs(model.graphs)
     loss_fn = (lambda batch: mbgmn_reference_loss(model, batch)) if a.variant == "reference" else model.loss
     t_setup = time.perf_counter() - t0[0]
-    base = _rss()
+    base = current_rss()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(a.seed)
     batches = model.training_batches(data, a.batch_size, rng)
@@ -314,7 +298,7 @@ def worker_train(a: argparse.Namespace) -> dict:
             "step_seconds": walls, "step_cpu_seconds": cpus, "sample_seconds": samp, "rows": rows,
             "steps_per_epoch": -(-min(model.config.users_per_epoch or n_active, n_active) // a.batch_size),
             "users_per_epoch": model.config.users_per_epoch, "threads": a.threads,
-            "data_rss": data_rss, "base_rss": base, "peak_rss": _peak_rss(), "load": [load0, os.getloadavg()[0]]}
+            "data_rss": data_rss, "base_rss": base, "peak_rss": peak_rss(), "load": [load0, os.getloadavg()[0]]}
 
 
 def _mask_csr(data, split: str):
@@ -411,7 +395,7 @@ def worker_eval(a: argparse.Namespace) -> dict:
         out["full_users"] = n_full
         out["metrics"] = dict(r)
     out["timings"] = best
-    out["peak_rss"] = _peak_rss()
+    out["peak_rss"] = peak_rss()
     out["load"].append(os.getloadavg()[0])
     return out
 
@@ -439,20 +423,7 @@ def _mem_available() -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    return f"{cpu}, {os.cpu_count()} cores, {ram:.1f} GiB RAM"
+    return total_ram()
 
 
 def _describe_train(r: dict) -> str:
@@ -657,10 +628,10 @@ def main(argv: list[str] | None = None) -> None:
         a.full_users, a.ref_users, a.repeat = 8, 100, 1
     import torch
 
-    print(f"machine: {_machine()}; torch {torch.__version__}, {a.threads} threads, "
+    print(f"machine: {machine()}; torch {torch.__version__}, {a.threads} threads, "
           f"OMP_WAIT_POLICY={a.omp_wait_policy}; "
           f"load average {os.getloadavg()[0]:.2f}; MemAvailable {_mem_available() / GIB:.1f} GiB")
-    report: dict = {"machine": _machine(), "args": {k: str(v) for k, v in vars(a).items()}}
+    report: dict = {"machine": machine(), "args": {k: str(v) for k, v in vars(a).items()}}
     with tempfile.TemporaryDirectory(prefix="mmrec-mb-bench-") as tmp:
         if "train" in a.only or "eval" in a.only:
             sys.path.insert(0, str(ROOT))

@@ -345,11 +345,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def worker(a: argparse.Namespace) -> dict:
     import torch
 
