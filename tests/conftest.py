@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,13 @@ def shared_data_dir(name: str | None = None) -> Path:
     if not path.exists():
         pytest.skip(f"shared data not available at {path}")
     return path
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for a test's torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import tempfile
 
 import pytest
@@ -14,6 +13,7 @@ from torch.nn import functional as F
 
 from mmrec.errors import ConfigError
 from mmrec.pretrain.losses import ContrastiveAlignmentLoss, info_nce
+from tests.conftest import free_port
 
 
 def _hand_info_nce(a: list[list[float]], b: list[list[float]], scale: float, ids: list[int] | None = None) -> float:
@@ -174,12 +174,6 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gather_matches_single_process():
     feats, masks, ids = _batch()
     full = {k: v.clone().requires_grad_(True) for k, v in feats.items()}
@@ -187,7 +181,7 @@ def test_two_process_gather_matches_single_process():
     ref = loss_fn(full, masks=masks, item_ids=ids)
     ref.backward()
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_rank_main, args=(2, _free_port(), d), nprocs=2, join=True)
+        mp.spawn(_rank_main, args=(2, free_port(), d), nprocs=2, join=True)
         res = [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2)]
     for r, sl in ((0, slice(0, 6)), (1, slice(6, 10))):
         # every rank computes the loss of the global batch

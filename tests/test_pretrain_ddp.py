@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -17,6 +16,7 @@ from safetensors.torch import load_file
 
 from mmrec.pretrain.config import PretrainConfig, build_pretrain_config
 from mmrec.pretrain.run import pretrain
+from tests.conftest import free_port
 
 #: no dropout anywhere (two ranks cannot draw one process's masks); the audio CNN is frozen, so
 #: its BatchNorm runs in eval mode and its features come from the cache (filled by both ranks)
@@ -75,12 +75,6 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_processes_match_one_process(tmp_path):
     from mmrec.pretrain.trainer import DistInfo
 
@@ -88,7 +82,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     pretrain(_config(tmp_path / "single"))
     # fork: the ranks inherit the libraries the single-process run imported (spawn would
     # re-import torch, timm and transformers in each: most of this test's time on a small machine)
-    mp.start_processes(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_rank_main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
                        start_method="fork")
     ranks = [torch.load(tmp_path / f"step{r}.pt", weights_only=False) for r in range(2)]
     assert single["rows"] == 32 and [r["rows"] for r in ranks] == [16, 16]
@@ -129,7 +123,7 @@ def test_torchrun_cli(tmp_path):
     """``torchrun --nproc_per_node 2 -m mmrec.cli pretrain`` end to end (gloo on CPU)."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "mmrec.cli", "pretrain", "--data", "synthetic:tiny", "--out", str(out),
+           str(free_port()), "-m", "mmrec.cli", "pretrain", "--data", "synthetic:tiny", "--out", str(out),
            "--no-progress"] + [a for s in SETS for a in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
