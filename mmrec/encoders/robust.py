@@ -29,6 +29,13 @@ class BadMedia:
         self.counts[key] += 1
         self.examples.setdefault(key, str(item))
 
+    def merge(self, counts: dict[str, int], examples: dict[str, str] | None = None) -> None:
+        """Fold in another tally (a batch's, a chunk's, a worker's): counts add, first examples stay."""
+        for key, n in counts.items():
+            self.counts[key] += int(n)
+        for key, ex in (examples or {}).items():
+            self.examples.setdefault(key, ex)
+
     def total(self) -> int:
         return sum(self.counts.values())
 

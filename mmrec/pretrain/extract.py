@@ -309,9 +309,7 @@ def _read_chunk(path: Path, modalities: Sequence[str]) -> ChunkResult:
         feats = {m: f.get_tensor(f"{m}.features") for m in modalities}
         masks = {m: f.get_tensor(f"{m}.mask") for m in modalities}
     bad = BadMedia()
-    for key, n in json.loads(meta.get("bad_media", "{}")).items():
-        bad.counts[key] += int(n)
-    bad.examples.update(json.loads(meta.get("bad_examples", "{}")))
+    bad.merge(json.loads(meta.get("bad_media", "{}")), json.loads(meta.get("bad_examples", "{}")))
     return feats, masks, bad
 
 
@@ -462,9 +460,7 @@ def _run_batches(encoders: dict[str, Encoder], ids: list[str], loader: Iterator[
                     bad.add(m, "non_finite", ids[int(rows[r]) + s])
                 feats[m][rows[finite]] = z[finite]
                 masks[m][rows[finite]] = True
-            bad.counts.update(batch_bad.counts)
-            for k, v in batch_bad.examples.items():
-                bad.examples.setdefault(k, v)
+            bad.merge(batch_bad.counts, batch_bad.examples)
             bar.update(b1 - b0)
             if b1 == e:
                 finished(c, (feats, masks, bad))
@@ -476,9 +472,7 @@ def _assemble(results: list[ChunkResult], encoders: dict[str, Encoder],
     """The chunks' rows, in order, as one table per modality, and their bad-media counts."""
     bad = BadMedia()
     for _, _, chunk_bad in results:
-        bad.counts.update(chunk_bad.counts)
-        for k, v in chunk_bad.examples.items():
-            bad.examples.setdefault(k, v)
+        bad.merge(chunk_bad.counts, chunk_bad.examples)
     tables = {}
     for m, enc in encoders.items():
         feats = torch.cat([r[0][m] for r in results])

@@ -64,10 +64,7 @@ def embed_items(model: Any, batches: Iterable[dict[str, Any]], n_items: int,
     for batch in batches:
         index = batch["index"]
         if bad is not None:
-            for key, count in batch["bad"].items():
-                bad.counts[key] += count
-            for key, ex in batch.get("bad_examples", {}).items():
-                bad.examples.setdefault(key, ex)
+            bad.merge(batch["bad"], batch.get("bad_examples"))
         for m in model.content:
             mask = batch["masks"][m]
             z = model.embed(m, batch["views"].get(m), index, mask)
