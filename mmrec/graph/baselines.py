@@ -59,7 +59,7 @@ class BehaviorPriorConfig:
 
 
 @MODELS.register("behavior-prior")
-class BehaviorPrior(Recommender):
+class BehaviorPrior(Popularity):
     """x_ui = Σ_b w_b·[u did b on i in training] + popularity(i) / (max popularity + 1).
 
     The untrained multi-behavior reference: rank what the user already carted, then
@@ -69,12 +69,10 @@ class BehaviorPrior(Recommender):
     """
 
     config_class: ClassVar[type] = BehaviorPriorConfig
-    trainable: ClassVar[bool] = False
 
     def __init__(self, n_items: int, weights: dict[str, float]) -> None:
-        super().__init__()
+        super().__init__(n_items)  # popularity of the target behavior
         self.weights = weights
-        self.register_buffer("popularity", torch.zeros(n_items))
         self.prior: sp.csr_matrix | None = None
 
     @classmethod
@@ -90,8 +88,8 @@ class BehaviorPrior(Recommender):
         return cls(data.n_items, weights)
 
     def fit(self, data: Dataset) -> None:
-        counts = np.asarray(data.matrix(data.target).sum(axis=0)).ravel().astype(np.float32)
-        self.popularity.copy_(torch.from_numpy(counts / (counts.max(initial=0.0) + 1.0)))
+        super().fit(data)
+        self.popularity.div_(self.popularity.max() + 1.0)  # below 1: only breaks ties
         prior = sp.csr_matrix((data.n_users, data.n_items), dtype=np.float32)
         for b, w in self.weights.items():
             if w:
@@ -105,10 +103,10 @@ class BehaviorPrior(Recommender):
         return torch.from_numpy(rows).to(self.popularity.device)
 
     def score_all(self, users: Tensor) -> Tensor:
-        return self._prior_rows(users) + self.popularity.unsqueeze(0)
+        return self._prior_rows(users) + super().score_all(users)
 
     def score(self, users: Tensor, items: Tensor) -> Tensor:
-        return self._prior_rows(users).gather(1, items) + self.popularity[items]
+        return self._prior_rows(users).gather(1, items) + super().score(users, items)
 
 
 @dataclass
