@@ -310,17 +310,17 @@ def official_contrastive(z1: torch.Tensor, z2: torch.Tensor, tau: float, batch_s
     return torch.cat(losses).mean()
 
 
-@pytest.mark.parametrize("keep_bytes", [0, 2**20])   # blocks of 1 anchor row | of the block size
-def test_infonce_equals_micro_batched_contrastive_loss_blockwise(keep_bytes):
+@pytest.mark.parametrize("block_bytes", [0, 2**20])   # blocks of 1 anchor row | of the block size
+def test_infonce_equals_micro_batched_contrastive_loss_blockwise(block_bytes):
     g = torch.Generator().manual_seed(0)
     z1 = torch.randn(37, 8, generator=g, dtype=torch.float64, requires_grad=True)
     z2 = torch.randn(37, 8, generator=g, dtype=torch.float64, requires_grad=True)
     ref = official_contrastive(z1, z2, 0.5, 10)
-    ours = infonce(z1, z2, 0.5, block=10, keep_bytes=keep_bytes)   # 4 blocks
+    ours = infonce(z1, z2, 0.5, block=10, block_bytes=block_bytes)   # 4 blocks
     torch.testing.assert_close(ours, ref)
     w = torch.tensor(1.7, dtype=torch.float64)                     # a non-unit upstream gradient
     torch.testing.assert_close(torch.autograd.grad(w * ours, [z1, z2]), torch.autograd.grad(w * ref, [z1, z2]))
-    assert torch.autograd.gradcheck(lambda a, b: infonce(a, b, 0.5, block=10, keep_bytes=keep_bytes),
+    assert torch.autograd.gradcheck(lambda a, b: infonce(a, b, 0.5, block=10, block_bytes=block_bytes),
                                     (z1[:12].detach().requires_grad_(), z2[:12].detach().requires_grad_()))
 
 

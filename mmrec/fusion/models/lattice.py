@@ -231,12 +231,12 @@ class _InfoNCE(torch.autograd.Function):
         return grad[:n], grad[n:], None, None, None
 
 
-def infonce(z1: Tensor, z2: Tensor, tau: float, block: int = 4096, keep_bytes: int | None = None) -> Tensor:
+def infonce(z1: Tensor, z2: Tensor, tau: float, block: int = 4096, block_bytes: int | None = None) -> Tensor:
     """MICRO's ``batched_contrastive_loss(z1, z2)``: mean over anchors of z1, negatives all of z1 and z2.
 
     Rows are L2-normalised (cosine similarity), then :class:`_InfoNCE` goes over the
     anchors in blocks of at most ``block`` rows (the code's batch_size) and at most
-    ``keep_bytes`` (default :data:`INFONCE_BLOCK_BYTES`) of exponentials per block,
+    ``block_bytes`` (default :data:`INFONCE_BLOCK_BYTES`) of exponentials per block,
     computing the loss and its gradient in the same pass (3 GEMMs + 1 exp per block; the
     official code's autograd does 3 GEMMs, ~6 fresh [B, N] tensors and keeps 2 per block
     alive). Memory O(B·N). Same value and gradient as the code's exp / sum / log (tested,
@@ -247,7 +247,7 @@ def infonce(z1: Tensor, z2: Tensor, tau: float, block: int = 4096, keep_bytes: i
     n = z1.shape[0]
     if n == 0:
         return z1.sum() * 0.0
-    budget = INFONCE_BLOCK_BYTES if keep_bytes is None else keep_bytes
+    budget = INFONCE_BLOCK_BYTES if block_bytes is None else block_bytes
     rows = max(1, min(block, budget // max(1, 2 * n * z1.element_size())))
     need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
     z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
