@@ -20,21 +20,33 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_rss() -> int:
-    """Peak resident bytes of this process image (``VmHWM``; ``ru_maxrss`` where /proc is missing,
-    which after an exec may still hold the parent's peak)."""
+def _proc_kib(path: str, key: str) -> int | None:
+    """A ``key: N kB`` line of a /proc file, in bytes; None where /proc or the key is missing."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def peak_rss() -> int:
+    """Peak resident bytes of this process image (``VmHWM``; ``ru_maxrss`` where /proc is missing,
+    which after an exec may still hold the parent's peak)."""
+    peak = _proc_kib("/proc/self/status", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def total_ram() -> int:
     """Physical memory of the machine in bytes."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def available_ram() -> int:
+    """Memory the kernel could give a new job now (``MemAvailable``; total RAM where unknown)."""
+    avail = _proc_kib("/proc/meminfo", "MemAvailable")
+    return avail if avail is not None else total_ram()
 
 
 def machine() -> str:

@@ -46,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import current_rss, machine, peak_rss, total_ram
+from _common import available_ram, current_rss, machine, peak_rss
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -416,16 +416,6 @@ def _mean(x: list[float]) -> float:
     return sum(x) / max(1, len(x))
 
 
-def _mem_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return total_ram()
-
-
 def _describe_train(r: dict) -> str:
     if "error" in r:
         return f"FAILED {r['error']}"
@@ -443,7 +433,7 @@ def _describe_train(r: dict) -> str:
 def section_train(a: argparse.Namespace, report: dict) -> None:
     n_nodes = a.train_nodes
     dense_bytes = 3 * n_nodes**2 * 4
-    avail = _mem_available()
+    avail = available_ram()
     sub = a.subsample
     if not sub and dense_bytes > min(a.dense_max_gib * GIB, avail - 3 * GIB):
         # keep the user share of nodes: a subsample of s users keeps roughly s/U of the items' rows
@@ -630,7 +620,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"machine: {machine()}; torch {torch.__version__}, {a.threads} threads, "
           f"OMP_WAIT_POLICY={a.omp_wait_policy}; "
-          f"load average {os.getloadavg()[0]:.2f}; MemAvailable {_mem_available() / GIB:.1f} GiB")
+          f"load average {os.getloadavg()[0]:.2f}; MemAvailable {available_ram() / GIB:.1f} GiB")
     report: dict = {"machine": machine(), "args": {k: str(v) for k, v in vars(a).items()}}
     with tempfile.TemporaryDirectory(prefix="mmrec-mb-bench-") as tmp:
         if "train" in a.only or "eval" in a.only:

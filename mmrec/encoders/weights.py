@@ -17,10 +17,11 @@ fall back to a random init without saying so.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -307,19 +308,16 @@ def load_hf_model(modality: str, name: str, pretrained: Pretrained | str,
     return model, src_dir
 
 
-class _quiet_transformers:
+@contextlib.contextmanager
+def _quiet_transformers(on: bool) -> Iterator[None]:
     """Silence transformers' load report while ``on`` (mmrec checks missing/mismatched keys itself)."""
-
-    def __init__(self, on: bool) -> None:
-        self.on = on
-
-    def __enter__(self) -> None:
-        if self.on:
-            from transformers.utils import logging as hf_logging
-            self.level = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.on:
-            from transformers.utils import logging as hf_logging
-            hf_logging.set_verbosity(self.level)
+    if not on:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
