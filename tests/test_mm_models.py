@@ -207,6 +207,23 @@ def test_batch_row_losses_equal_the_whole_catalogue_formulas(extra, data):
     torch.testing.assert_close(freedom.loss(batch), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_vbpr_id_dropout_scores_dropped_items_as_cold_in_training_only(data):
+    """DropoutNet-style ID dropout: a dropped item's loss terms are those of a cold item; scoring is unchanged."""
+    batch = first_batch(build("vbpr", data), data)
+    dropped = build("vbpr", data, reg=0.3, id_dropout=1 - 1e-7)   # every row dropped (with prob. 1 - 1e-7)
+    as_cold = build("vbpr", data, reg=0.3)
+    as_cold.warm.zero_()                                          # the same items, all treated as cold
+    torch.testing.assert_close(dropped.loss(batch), as_cold.loss(batch), rtol=1e-6, atol=1e-7)
+    plain = build("vbpr", data, reg=0.3)
+    assert not torch.allclose(plain.loss(batch), as_cold.loss(batch))  # dropping changes the training signal
+    for m in (dropped, plain):
+        m.eval()
+    users = torch.arange(N_USERS)
+    torch.testing.assert_close(dropped.score_all(users), plain.score_all(users))
+    with pytest.raises(ConfigError, match="id_dropout"):
+        build("vbpr", data, id_dropout=1.0)
+
+
 def test_vbpr_refuses_edge_filtration(data):
     with pytest.raises(ConfigError, match="no graph"):
         build("vbpr", data, filtration="edge-prune")

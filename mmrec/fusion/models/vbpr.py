@@ -22,6 +22,14 @@ fusions (``attention``, ``gated``, ``concat``) and filtrations (``gate``) plug i
 **Cold items.** An item with no training interaction keeps :math:`\gamma_i = 0` and
 :math:`\beta_i = 0` (its ID rows are masked): it is scored by
 :math:`\theta_u^\top \mathbf{E} f_i + \beta'^\top f_i`, the content part VBPR was designed for.
+
+**ID dropout** (``id_dropout = p``, DropoutNet: Volkovs et al., NeurIPS 2017). Plain
+VBPR lets :math:`\beta_i` and :math:`\gamma_i` absorb what an item's interactions say
+(above all its popularity), so the content terms learn only the residual and cold
+items, which have nothing else, are under-served. With ``p > 0`` each distinct item of a
+training step is, with probability p, scored as a cold item (its ID rows masked), so the
+content terms alone must rank it: :math:`\beta'^\top f_i` learns to predict popularity
+from content. Scoring is unchanged; ``p = 0`` is the paper's model.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ class VBPRConfig(ContentFields, ModelConfig):
     reg: float = 1e-4         # λ_Θ on the batch's γ_u, θ_u, γ_i, γ_j, β_i, β_j (squared L2, / batch)
     reg_content: float = 0.0  # λ_E on E (and β'); the paper regularises E separately
     content_bias: bool = True  # the visual bias β'ᵀ f_i
+    id_dropout: float = 0.0    # share of a step's items scored as if cold (γ_i = β_i = 0), see the module doc
 
 
 @MODELS.register("vbpr")
@@ -94,6 +103,8 @@ class VBPR(InnerProductScoring, GraphRecommender):
             check_positive(name, getattr(config, name))
         for name in ("reg", "reg_content"):
             check_positive(name, getattr(config, name), allow_zero=True)
+        if not 0.0 <= config.id_dropout < 1.0:
+            raise ConfigError(f"model.id_dropout must be in [0, 1), got {config.id_dropout}")
         if not config.use_features:
             raise ConfigError("vbpr is BPR-MF plus item content: use_features must be true "
                               "(bprmf is the ID-only model)")
@@ -108,9 +119,10 @@ class VBPR(InnerProductScoring, GraphRecommender):
         return cls(data.n_users, data.n_items, warm_items(data), content, config)
 
     # -- forward --------------------------------------------------------------------
-    def item_biases(self, rows: Tensor | None = None) -> Tensor:
-        """β_i (0 for cold items) + β'ᵀ f_i of every item (or of ``rows``)."""
-        warm = self.warm if rows is None else self.warm[rows]
+    def item_biases(self, rows: Tensor | None = None, warm: Tensor | None = None) -> Tensor:
+        """β_i (0 for cold items) + β'ᵀ f_i of every item (or of ``rows``, whose ID mask ``warm`` may be given)."""
+        if warm is None:
+            warm = self.warm if rows is None else self.warm[rows]
         b = ((self.item_bias.weight if rows is None else self.item_bias(rows)) * warm).squeeze(1)
         if self.feature_bias is not None:
             feats, masks = self.content.source()
@@ -137,8 +149,10 @@ class VBPR(InnerProductScoring, GraphRecommender):
         u, i, j = batch["user"], batch["pos"], batch["neg"]
         rows, inverse = torch.unique(torch.cat([i, j]), return_inverse=True)
         warm = self.warm[rows]
+        if self.training and self.config.id_dropout > 0:  # DropoutNet: these rows are scored as cold ones
+            warm = warm * (torch.rand(warm.shape, device=warm.device) >= self.config.id_dropout).to(warm.dtype)
         gamma_i = self.gamma_item(rows) * warm
-        items = torch.cat([gamma_i, self.content.encode_rows(rows, gamma_i), self.item_biases(rows).unsqueeze(1)], 1)
+        items = torch.cat([gamma_i, self.content.encode_rows(rows, gamma_i), self.item_biases(rows, warm).unsqueeze(1)], 1)
         ue = self.user_side(u)
         pos, neg = items[inverse[: len(i)]], items[inverse[len(i):]]
         loss = bpr((ue * pos).sum(-1), (ue * neg).sum(-1))
