@@ -70,7 +70,7 @@ def run_one(data: str, model: str, seed: int, args: argparse.Namespace, out: Pat
     sets.append("train.progress=false")
     sets += variant_sets
     cli = {"model": base, "data": data, "seed": seed, "out": str(out), "protocol": args.protocol,
-           "split": args.split, "epochs": args.epochs}
+           "split": args.split, "epochs": args.epochs, "features": list(args.features or [])}
     names = {model, base}
     extra = [s for s in (args.model_set or []) if s.split(":", 1)[0] in names]
     sets += [s.split(":", 1)[1] for s in extra]
@@ -187,6 +187,7 @@ def main() -> None:
     ap.add_argument("--variant", action="append",
                     help="LABEL=MODEL[:KEY=VALUE[;KEY=VALUE...]]: run MODEL with these overrides, row stored as LABEL")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the runs")
+    ap.add_argument("--features", nargs="+", help="feature-store files attached to every run (as --features)")
     ap.add_argument("--runs", default="runs/results")
     ap.add_argument("--table", type=Path, help="print the markdown table of a results.jsonl and exit")
     ap.add_argument("--metrics", nargs="+", default=["full:Recall@20", "full:NDCG@20"],

@@ -12,9 +12,10 @@ from typing import Any, Callable, Sequence
 from mmrec.errors import MMRecError
 
 Handler = Callable[[argparse.Namespace], int]
-#: CLI modules for the pre-training half; each has ``add_parsers(sub, data_sub, common)``
-#: registering its sub-commands (``pretrain``, ``extract``, ``data shards``) with ``func`` set.
-COMMAND_MODULES = ("mmrec.commands.pretrain", "mmrec.commands.extract", "mmrec.commands.shards")
+#: CLI modules, each with ``add_parsers(sub, data_sub, common)`` registering its
+#: sub-commands (``pretrain``, ``extract``, ``data shards``, ``data attributes``) with ``func`` set.
+COMMAND_MODULES = ("mmrec.commands.pretrain", "mmrec.commands.extract", "mmrec.commands.shards",
+                   "mmrec.commands.attributes")
 SPLIT_KINDS = ("fixed", "loo", "random", "temporal", "cold")
 
 
