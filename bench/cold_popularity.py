@@ -16,7 +16,8 @@ popularity. This script measures that, per seed, on the same split ``mmrec train
 
 Both rows are scored by the evaluator ``mmrec train`` uses (``evaluate_full(items=cold)``).
 
-    python bench/cold_popularity.py --data ../shared/data/ml100k-mm --seeds 0 1 2
+    python bench/cold_popularity.py --data ../shared/data/ml100k-mm --seeds 0 1 2 \
+        [--features runs/ml100k-attr/attributes.safetensors]
 """
 
 from __future__ import annotations
@@ -59,13 +60,14 @@ def cold_recall(data, scores: np.ndarray, split: str, items: np.ndarray, k: int)
     return float(evaluate_full(FixedScores(scores), data, split=split, ks=[k], items=items)[f"Recall@{k}"])
 
 
-def one_seed(path: str, seed: int, k: int) -> dict[str, float]:
+def one_seed(path: str, seed: int, k: int, features: list[str]) -> dict[str, float]:
     from sklearn.linear_model import Ridge
 
     from mmrec.train.config import build_run_config
     from mmrec.train.run import prepare_data
 
-    cfg = build_run_config(None, {"model": "pop", "data": path, "seed": seed, "out": "unused", "split": "cold"}, [])
+    cfg = build_run_config(None, {"model": "pop", "data": path, "seed": seed, "out": "unused", "split": "cold",
+                                   "features": features}, [])
     data = prepare_data(cfg)
     test_cold = np.asarray(data.cold_items, dtype=np.int64)
     valid_cold = np.asarray(data.report["cold_valid_items"], dtype=np.int64)
@@ -93,8 +95,9 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--features", nargs="+", default=[], help="extra feature-store files (as mmrec train --features)")
     args = ap.parse_args()
-    rows = [one_seed(args.data, s, args.k) for s in args.seeds]
+    rows = [one_seed(args.data, s, args.k, args.features) for s in args.seeds]
     print(f"cold Recall@{args.k} on {args.data}, --split cold, seeds {args.seeds} (mean ± std; x random)")
     print(f"{'scorer':<36}{'cold Recall':>16}{'x random':>14}")
     for name in rows[0]:
