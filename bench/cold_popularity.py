@@ -31,17 +31,17 @@ import torch
 ALPHAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
 
 
-class FixedScores:
-    """A scorer giving every user the same item scores (what a popularity ranking is)."""
+def fixed_scores(scores: np.ndarray):
+    """The ``pop`` model holding ``scores``: it gives every user the same item scores."""
+    from mmrec.graph.baselines import Popularity
+    model = Popularity(len(scores))
+    model.popularity.copy_(torch.as_tensor(scores, dtype=torch.float32))
+    return model
 
-    def __init__(self, scores: np.ndarray) -> None:
-        self.scores = torch.as_tensor(scores, dtype=torch.float32)
 
-    def prepare_eval(self) -> None:
-        """Nothing to precompute (the evaluator calls this once before scoring)."""
-
-    def score_all(self, users: torch.Tensor) -> torch.Tensor:
-        return self.scores.unsqueeze(0).expand(len(users), -1)
+def popularity(data, split: str = "train") -> np.ndarray:
+    """Users per item with a target-behavior row in ``split`` (what ``pop`` ranks by)."""
+    return np.asarray(data.matrix(split=split).sum(axis=0)).ravel()
 
 
 def standardised(data, modalities: list[str]) -> np.ndarray:
@@ -57,7 +57,7 @@ def standardised(data, modalities: list[str]) -> np.ndarray:
 
 def cold_recall(data, scores: np.ndarray, split: str, items: np.ndarray, k: int) -> float:
     from mmrec.eval.protocols import evaluate_full
-    return float(evaluate_full(FixedScores(scores), data, split=split, ks=[k], items=items)[f"Recall@{k}"])
+    return float(evaluate_full(fixed_scores(scores), data, split=split, ks=[k], items=items)[f"Recall@{k}"])
 
 
 def one_seed(path: str, seed: int, k: int, features: list[str]) -> dict[str, float]:
@@ -71,8 +71,7 @@ def one_seed(path: str, seed: int, k: int, features: list[str]) -> dict[str, flo
     data = prepare_data(cfg)
     test_cold = np.asarray(data.cold_items, dtype=np.int64)
     valid_cold = np.asarray(data.report["cold_valid_items"], dtype=np.int64)
-    train = data.train
-    counts = np.bincount(train.item[train.behavior == data.target_index], minlength=data.n_items)
+    counts = popularity(data)
     warm = np.flatnonzero(counts > 0)
     y = np.log1p(counts[warm])
     modalities = sorted(data.items.features)
@@ -80,13 +79,10 @@ def one_seed(path: str, seed: int, k: int, features: list[str]) -> dict[str, flo
     row: dict[str, float] = {"random": min(k, len(test_cold)) / len(test_cold)}
     for feats in feature_sets:
         x = standardised(data, feats)
-        best = max(ALPHAS, key=lambda a: cold_recall(
-            data, Ridge(alpha=a).fit(x[warm], y).predict(x), "valid", valid_cold, k))
-        pred = Ridge(alpha=best).fit(x[warm], y).predict(x)
-        row[f"content->pop[{'+'.join(feats)}]"] = cold_recall(data, pred, "test", test_cold, k)
-    test = data.test
-    test_counts = np.bincount(test.item[test.behavior == data.target_index], minlength=data.n_items)
-    row["oracle test popularity"] = cold_recall(data, test_counts.astype(np.float64), "test", test_cold, k)
+        preds = {a: Ridge(alpha=a).fit(x[warm], y).predict(x) for a in ALPHAS}
+        best = max(ALPHAS, key=lambda a: cold_recall(data, preds[a], "valid", valid_cold, k))
+        row[f"content->pop[{'+'.join(feats)}]"] = cold_recall(data, preds[best], "test", test_cold, k)
+    row["oracle test popularity"] = cold_recall(data, popularity(data, "test"), "test", test_cold, k)
     return row
 
 
