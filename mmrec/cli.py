@@ -13,9 +13,10 @@ from mmrec.errors import MMRecError
 
 Handler = Callable[[argparse.Namespace], int]
 #: CLI modules, each with ``add_parsers(sub, data_sub, common)`` registering its
-#: sub-commands (``pretrain``, ``extract``, ``data shards``, ``data attributes``) with ``func`` set.
+#: sub-commands (``pretrain``, ``extract``, ``data shards``, ``data attributes``, ``recommend``,
+#: ``export``) with ``func`` set.
 COMMAND_MODULES = ("mmrec.commands.pretrain", "mmrec.commands.extract", "mmrec.commands.shards",
-                   "mmrec.commands.attributes")
+                   "mmrec.commands.attributes", "mmrec.commands.recommend", "mmrec.commands.export")
 SPLIT_KINDS = ("fixed", "loo", "random", "temporal", "cold")
 
 

@@ -15,6 +15,12 @@ tensor returned as is would be overwritten).
 Ground truth is always the target behavior's rows of the evaluated split.
 Both protocols batch users (or pairs), so memory stays bounded by
 ``batch_size x n_items`` scores whatever the number of users.
+
+On multi-behavior data both protocols also report every metric on two parts of the
+held-out pairs (:data:`HISTORY_PARTS`): ``repeat/<metric>`` over pairs whose item the
+user already had in training under *any* behavior (what the ``behavior-prior`` rule
+memorises), ``discovery/<metric>`` over the others (where only generalisation helps);
+:attr:`EvalResult.parts` holds each part's counts.
 """
 
 from __future__ import annotations
@@ -27,13 +33,13 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from mmrec.datasets.sampling import is_positive
+from mmrec.datasets.sampling import is_positive, positive_keys
 from mmrec.datasets.schema import Dataset
 from mmrec.errors import DataError
 from mmrec.eval.metrics import FULL_RANKING_METRICS, RankingMetrics, metrics_from_ranks
 from mmrec.registry import Registry
 
-__all__ = ["EvalResult", "PROTOCOLS", "evaluate", "evaluate_full", "evaluate_sampled",
+__all__ = ["EvalResult", "HISTORY_PARTS", "PROTOCOLS", "history_parts", "evaluate", "evaluate_full", "evaluate_sampled",
            "sample_eval_negatives", "sampled_candidates"]
 
 PROTOCOLS: Registry = Registry("evaluation protocol")
@@ -51,10 +57,13 @@ class EvalResult(dict):
     """
 
     def __init__(self, metrics: dict[str, float], *, protocol: str, split: str,
-                 n_users: int, n_pairs: int, n_skipped: int = 0) -> None:
+                 n_users: int, n_pairs: int, n_skipped: int = 0,
+                 parts: dict[str, dict[str, int]] | None = None) -> None:
         super().__init__(metrics)
         self.protocol, self.split = protocol, split
         self.n_users, self.n_pairs, self.n_skipped = n_users, n_pairs, n_skipped
+        #: part name -> {"n_users", "n_pairs"} of the ``repeat`` / ``discovery`` parts (multi-behavior data)
+        self.parts = parts or {}
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -65,6 +74,27 @@ class EvalResult(dict):
 
 
 # -- shared helpers ---------------------------------------------------------------------
+
+#: The parts of a multi-behavior test set: the item was in the user's training rows (any behavior) or not.
+HISTORY_PARTS = ("repeat", "discovery")
+
+
+def history_parts(data: Dataset, keys: np.ndarray) -> dict[str, np.ndarray] | None:
+    """Boolean masks over held-out ``user * n_items + item`` keys: ``repeat`` where the user
+    had the item in *training* under any behavior, ``discovery`` elsewhere.
+
+    ``None`` on single-behavior data (DESIGN.md reports the parts on multi-behavior data).
+    Built from the train split only, so a held-out row never decides its own part.
+    """
+    if data.n_behaviors < 2:
+        return None
+    history = positive_keys(data.merged_matrix("train"))
+    repeat = is_positive(history, keys // data.n_items, keys % data.n_items, data.n_items)
+    return {"repeat": repeat, "discovery": ~repeat}
+
+
+def _prefixed(part: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{part}/{name}": value for name, value in metrics.items()}
 
 def _target_keys(data: Dataset, split: str) -> np.ndarray:
     """Sorted distinct ``user * n_items + item`` keys of the target rows of a split."""
@@ -142,6 +172,7 @@ def evaluate_full(scorer: Any, data: Dataset, split: str = "test", ks: Sequence[
         mask = mask[columns[mask % n_items] >= 0]
         subset_t = torch.from_numpy(subset)
 
+    parts = history_parts(data, gt)
     gt_user, gt_col = gt // n_items, gt % n_items
     mask_user, mask_col = mask // n_items, mask % n_items
     if columns is not None:
@@ -150,6 +181,7 @@ def evaluate_full(scorer: Any, data: Dataset, split: str = "test", ks: Sequence[
                              shape=(data.n_users, max(n_cols, 1)))
     users = np.unique(gt_user)
     acc = RankingMetrics(ks, metrics)
+    part_acc = {p: RankingMetrics(ks, metrics) for p, sel in (parts or {}).items() if sel.any()}
     if len(users) == 0 or n_cols == 0:
         raise DataError(f"dataset '{data.name}' has no held-out '{data.target}' items in {split}"
                         + (" among the given items" if items is not None else ""))
@@ -178,9 +210,19 @@ def evaluate_full(scorer: Any, data: Dataset, split: str = "test", ks: Sequence[
             lo = np.searchsorted(gt_user, bu[0], side="left")
             hi = np.searchsorted(gt_user, bu[-1], side="right")
             label_rows = np.searchsorted(bu, gt_user[lo:hi])
-            acc.update(top, torch.from_numpy(np.vstack([label_rows, gt_col[lo:hi]])))
-    return EvalResult(acc.compute(), protocol="full", split=split,
-                      n_users=int(len(users)), n_pairs=int(len(gt)))
+            labels = np.vstack([label_rows, gt_col[lo:hi]])
+            acc.update(top, torch.from_numpy(labels))
+            for p, part in part_acc.items():
+                sel = parts[p][lo:hi]
+                if sel.any():
+                    part.update(top, torch.from_numpy(labels[:, sel]))
+    values = acc.compute()
+    for p, part in part_acc.items():
+        values.update(_prefixed(p, part.compute()))
+    counts = {p: {"n_users": int(len(np.unique(gt_user[sel]))), "n_pairs": int(sel.sum())}
+              for p, sel in (parts or {}).items()}
+    return EvalResult(values, protocol="full", split=split,
+                      n_users=int(len(users)), n_pairs=int(len(gt)), parts=counts)
 
 
 # -- sampled ranking ---------------------------------------------------------------------
@@ -271,9 +313,11 @@ def evaluate_sampled(scorer: Any, data: Dataset, split: str = "test", ks: Sequen
         raise DataError(f"dataset '{data.name}' has no held-out '{data.target}' items in {split}")
     ranks: list[Tensor] = []
     evaluated_users: list[np.ndarray] = []
+    evaluated_keys: list[np.ndarray] = []
     with _scoring(scorer) as device:
         for users, cand in sampled_candidates(data, split, n_neg, seed):
             evaluated_users.append(users)
+            evaluated_keys.append(users * np.int64(data.n_items) + cand[:, 0])
             for start in range(0, len(users), batch_size):
                 u = torch.from_numpy(users[start:start + batch_size]).to(device)
                 c = torch.from_numpy(cand[start:start + batch_size]).to(device)
@@ -283,9 +327,17 @@ def evaluate_sampled(scorer: Any, data: Dataset, split: str = "test", ks: Sequen
     if n_done == 0:
         raise DataError(f"no held-out pair in {split} of '{data.name}' has a possible negative item")
     users_all = np.concatenate(evaluated_users)
-    return EvalResult(metrics_from_ranks(torch.cat(ranks), ks), protocol="sampled", split=split,
+    all_ranks = torch.cat(ranks)
+    values = metrics_from_ranks(all_ranks, ks)
+    parts = history_parts(data, np.concatenate(evaluated_keys))
+    counts: dict[str, dict[str, int]] = {}
+    for p, sel in (parts or {}).items():
+        counts[p] = {"n_users": int(len(np.unique(users_all[sel]))), "n_pairs": int(sel.sum())}
+        if sel.any():
+            values.update(_prefixed(p, metrics_from_ranks(all_ranks[torch.from_numpy(sel)], ks)))
+    return EvalResult(values, protocol="sampled", split=split,
                       n_users=int(len(np.unique(users_all))), n_pairs=n_done,
-                      n_skipped=int(len(pairs) - n_done))
+                      n_skipped=int(len(pairs) - n_done), parts=counts)
 
 
 def evaluate(scorer: Any, data: Dataset, protocol: str = "full", split: str = "test", **kw: Any) -> EvalResult:

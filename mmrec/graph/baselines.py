@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from mmrec.datasets.schema import Dataset
 from mmrec.errors import ConfigError
-from mmrec.models.base import ModelConfig, Recommender
+from mmrec.models.base import InnerProductScoring, ModelConfig, Recommender
 from mmrec.registry import MODELS
 
 
@@ -119,7 +119,7 @@ class BPRMFConfig(ModelConfig):
 
 
 @MODELS.register("bprmf")
-class BPRMF(Recommender):
+class BPRMF(InnerProductScoring, Recommender):
     """x_ui = <p_u, q_i>; loss = -ln σ(x_ui - x_uj) + reg·(|p_u|² + |q_i|² + |q_j|²)/2 per triple."""
 
     config_class: ClassVar[type] = BPRMFConfig
@@ -146,6 +146,10 @@ class BPRMF(Recommender):
         diff = (u * i).sum(-1) - (u * j).sum(-1)
         reg = 0.5 * (u.pow(2).sum(-1) + i.pow(2).sum(-1) + j.pow(2).sum(-1))
         return (-F.logsigmoid(diff) + self.config.reg * reg).mean()
+
+    def representations(self) -> tuple[Tensor, Tensor]:
+        """(p, q): the score is a plain inner product of these tables (exportable, see docs/recommend.md)."""
+        return self.user_emb.weight, self.item_emb.weight
 
     def score_all(self, users: Tensor) -> Tensor:
         return self.user_emb(users) @ self.item_emb.weight.T

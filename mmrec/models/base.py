@@ -27,6 +27,7 @@ MODEL_MODULES = (
     "mmrec.graph.lightgcn",
     "mmrec.graph.cigf",
     "mmrec.graph.mbgmn",
+    "mmrec.graph.history",
     "mmrec.fusion.models",
     "mmrec.sequential",
 )

@@ -431,7 +431,7 @@ def _run_batches(encoders: dict[str, Encoder], ids: list[str], loader: Iterator[
                  chunks: list[tuple[int, int, int]], project: bool, progress: bool, initial: int,
                  finished: Callable[[int, ChunkResult], None]) -> None:
     """Encode the prepared batches in order; ``finished(c, result)`` once chunk ``c``'s last batch is done."""
-    from tqdm.auto import tqdm
+    from mmrec.progress import progress_bar
 
     bounds = {c: (s, e) for c, s, e in chunks}
     dims = {m: output_dim(enc, project) for m, enc in encoders.items()}
@@ -439,8 +439,8 @@ def _run_batches(encoders: dict[str, Encoder], ids: list[str], loader: Iterator[
     feats: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
     bad = BadMedia()
-    with tqdm(total=bounds[chunks[-1][0]][1], initial=initial, unit="item", desc="extract",
-              disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(total=bounds[chunks[-1][0]][1], initial=initial, unit="item", desc="extract",
+                      enabled=progress, dynamic_ncols=True) as bar:
         for (c, b0, b1), prepared, batch_bad in loader:
             s, e = bounds[c]
             if c != current:

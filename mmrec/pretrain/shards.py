@@ -81,7 +81,7 @@ def write_shards(data: Dataset, out: str | Path, maxcount: int = 1000, maxsize: 
     them) instead of failing on the first one.
     """
     import webdataset as wds
-    from tqdm.auto import tqdm
+    from mmrec.progress import progress_bar
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -99,7 +99,7 @@ def write_shards(data: Dataset, out: str | Path, maxcount: int = 1000, maxsize: 
 
         writer = wds.ShardWriter(str(tmp / PATTERN), maxcount=maxcount, maxsize=maxsize, verbose=0, post=done)
         try:
-            for i in tqdm(range(data.n_items), desc="shards", unit="item", disable=not progress):
+            for i in progress_bar(range(data.n_items), desc="shards", unit="item", enabled=progress):
                 writer.write(item_sample(data, i, unreadable))
         finally:
             writer.close()

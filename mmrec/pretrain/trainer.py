@@ -516,9 +516,9 @@ class PretrainTrainer:
         barrier(info)
         local_bad: Counter = Counter()
         base_bad = Counter(result.bad_media) if info.is_main else Counter()  # counted once, on rank 0
-        from tqdm.auto import tqdm
-        bar = tqdm(total=self.total_steps, initial=step, desc="pretrain", unit="step",
-                   disable=not (t.progress and info.is_main))
+        from mmrec.progress import progress_bar
+        bar = progress_bar(total=self.total_steps, initial=step, desc="pretrain", unit="step",
+                           enabled=t.progress and info.is_main)
         self.model.set_train(True)
         self.optimizer.zero_grad(set_to_none=True)
         done = step >= self.total_steps

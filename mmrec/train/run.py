@@ -102,6 +102,12 @@ def _cold_start(cfg: RunConfig, model: Recommender, data: Dataset) -> dict[str, 
     return {**metrics, "n_items": int(len(cold))}
 
 
+def _modality_weights(model: Recommender) -> dict[str, Any] | None:
+    """Learned per-modality weights of the model's content encoder, if it has a weighting (``modality-gate``)."""
+    report = getattr(getattr(model, "content", None), "modality_weights", None)
+    return report() if callable(report) else None
+
+
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Train, select on valid, evaluate the selected weights on test, write RUN/metrics.json."""
     run_dir = Path(cfg.out)
@@ -130,10 +136,16 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         "select": cfg.select_metric(),
         "n_users": data.n_users,
         "n_items": data.n_items,
+        "ids": {"users": id_digest(data.user_ids), "items": id_digest(data.item_ids)},  # `recommend` checks the data
     }
+    if getattr(test, "parts", None):
+        metrics["parts"] = test.parts  # counts of the repeat / discovery parts (multi-behavior data)
     cold = _cold_start(cfg, model, data)
     if cold is not None:
         metrics["cold_start"] = cold
+    weights = _modality_weights(model)
+    if weights is not None:
+        metrics["modality_weights"] = weights
     if data.report:
         metrics["data_report"] = data.report
     write_json(run_dir / METRICS, metrics)
@@ -171,6 +183,10 @@ def evaluate(run_dir: str | Path, data: str | None = None, protocol: str | None 
            "split": split, "metrics": values, "seed": cfg.seed}
     for key in ("valid", "best_epoch", "epochs", "train_seconds"):
         out.setdefault(key, {} if key == "valid" else 0)
+    if getattr(values, "parts", None):
+        out["parts"] = values.parts
+    else:
+        out.pop("parts", None)
     cold = _cold_start(cfg, model, ds) if split == "test" else None
     if cold is not None:
         out["cold_start"] = cold
@@ -183,6 +199,16 @@ def evaluate(run_dir: str | Path, data: str | None = None, protocol: str | None 
 def save_run_config(cfg: RunConfig, run_dir: Path) -> None:
     with atomic_path(run_dir / "config.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False))
+
+
+def id_digest(ids: Any) -> str:
+    """SHA-256 of the id list in index order: tells a run's data from other data with the same sizes."""
+    import hashlib
+    h = hashlib.sha256()
+    ids = list(ids)
+    for start in range(0, len(ids), 65536):
+        h.update("".join(f"{i}\n" for i in ids[start:start + 65536]).encode())
+    return h.hexdigest()
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

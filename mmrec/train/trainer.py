@@ -17,11 +17,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mmrec.datasets.schema import Dataset
 from mmrec.errors import ConfigError, MMRecError
 from mmrec.models.base import Recommender
+from mmrec.progress import log, log_lines, progress_bar
 from mmrec.train.checkpoint import load_state, load_weights, save_state, save_weights
 from mmrec.train.config import RunConfig
 
@@ -143,8 +143,8 @@ class Trainer:
         model.train()
         device = model.device
         total, n = 0.0, 0
-        bar = tqdm(model.training_batches(data, tc.batch_size, rng), desc=f"epoch {epoch}",
-                   leave=False, disable=not tc.progress, unit="batch")
+        bar = progress_bar(model.training_batches(data, tc.batch_size, rng), desc=f"epoch {epoch}",
+                           leave=False, enabled=tc.progress, unit="batch")
         for batch in bar:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             optimizer.zero_grad(set_to_none=True)
@@ -171,3 +171,16 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.run_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if log_lines(self.cfg.train.progress):  # no bar off a terminal: one plain line per epoch instead
+            log(self._epoch_line(record))
+
+    def _epoch_line(self, record: dict[str, Any]) -> str:
+        """``epoch 3/20  loss 0.4123  valid Recall@20 0.1234  1.2 s`` (fields the record has)."""
+        parts = [f"epoch {record['epoch']}/{self.cfg.train.epochs}"]
+        if "loss" in record:
+            parts.append(f"loss {record['loss']:.4f}")
+        if record.get("valid") and self.select in record["valid"]:
+            parts.append(f"valid {self.select} {record['valid'][self.select]:.4f}")
+        if "seconds" in record:
+            parts.append(f"{record['seconds']:.1f} s")
+        return "  ".join(parts)

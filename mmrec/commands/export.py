@@ -1,0 +1,46 @@
+"""``mmrec export``: embedding tables and a faiss index of an inner-product run (docs/recommend.md)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mmrec.config import apply_overrides, load_yaml
+    from mmrec.errors import ConfigError
+    from mmrec.export import export_run
+
+    raw: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    flags = {"run": args.run, "out": args.out, "data": args.data, "device": args.device}
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    if args.no_index:
+        raw["index"] = False
+    raw = apply_overrides(raw, args.overrides)
+    unknown = sorted(set(raw) - {"run", "out", "data", "device", "index"})
+    if unknown:
+        raise ConfigError(f"unknown export option(s) {', '.join(unknown)}; known: data, device, index, out, run")
+    for key in ("run", "out"):
+        if not raw.get(key):
+            raise ConfigError(f"export needs --{key}")
+    report = export_run(raw["run"], raw["out"], data=raw.get("data"), device=raw.get("device"),
+                        index=bool(raw.get("index", True)))
+    print(f"wrote {report.out}: {report.model} embeddings for {report.n_users:,} users and {report.n_items:,} "
+          f"items (dim {report.dim}); files: {', '.join(report.files)}")
+    return 0
+
+
+def add_parsers(sub: Any, data_sub: Any, common: Any) -> None:
+    p = sub.add_parser("export", help="user / item embeddings (safetensors) and a faiss index of a run",
+                       description="For models whose score is a plain inner product of user and item embeddings "
+                                   "(bprmf, lightgcn, vbpr, the multimodal graph models): write the embedding "
+                                   "tables (safetensors), the id of each row, a faiss IndexFlatIP over items and "
+                                   "export.json. Other models are refused: ONNX export of a scoring network is "
+                                   "not supported yet.")
+    p.add_argument("--run", help="run directory written by mmrec train")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--data", help="the run's data, when it moved (must hold the same user and item ids)")
+    p.add_argument("--device", help="auto, cpu, cuda ... (default: the run's)")
+    p.add_argument("--no-index", action="store_true", help="no faiss index (no faiss needed)")
+    common(p)
+    p.set_defaults(func=cmd_export)
