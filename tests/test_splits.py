@@ -212,18 +212,37 @@ def test_fixed_carves_validation_when_only_test_exists():
     extra = Interactions([59], [0], [t], timestamp=[1])
     base = data.train.select(data.train.user != 59)
     data = data.replace(train=Interactions.concat([base, extra]))
-    a, b = apply_split(data, seed=2), apply_split(data, seed=2)
-    assert a.report["split"]["carved_valid"]
+    a, b = apply_split(data, seed=2, valid_rule="random"), apply_split(data, seed=2, valid_rule="random")
+    assert a.report["split"]["carved_valid"] and a.report["split"]["valid_rule"] == "random"
     assert_same(a.valid, b.valid)
     counts = np.bincount(a.valid.user, minlength=data.n_users)
     n_target = np.array([len({i for u, i in pairs(data.train, t) if u == x}) for x in range(data.n_users)])
     assert ((counts == 1) == (n_target >= 2)).all() and counts.max() == 1
     assert (59, 0) in pairs(a.train, t)
     assert not pairs(a.train, t) & (pairs(a.valid, t) | pairs(a.test, t))
-    c = apply_split(data, seed=3)
+    c = apply_split(data, seed=3, valid_rule="random")
     assert pairs(a.valid, t) != pairs(c.valid, t)
     with pytest.raises(DataError, match="test"):
         apply_split(make_data(), "fixed")
+
+
+def test_fixed_carves_the_latest_buy_where_rows_have_times():
+    data = fixed_data(with_valid=False)
+    t = data.target_index
+    a = apply_split(data, seed=2)  # auto: the fixture has timestamps
+    assert a.report["split"]["valid_rule"] == "latest"
+    assert_same(a.valid, apply_split(data, seed=5).valid)  # no randomness left
+    tr = data.train
+    for u, i in zip(a.valid.user, a.valid.item):
+        mine = (tr.user == u) & (tr.behavior == t)
+        latest = tr.item[mine][np.argmax(tr.timestamp[mine])]
+        assert i == latest
+    untimed = data.replace(train=Interactions(tr.user, tr.item, tr.behavior))
+    assert apply_split(untimed, seed=2).report["split"]["valid_rule"] == "random"
+    with pytest.raises(DataError, match="timestamps"):
+        apply_split(untimed, valid_rule="latest")
+    with pytest.raises(ConfigError, match="valid_rule"):
+        apply_split(data, valid_rule="newest")
 
 
 def test_default_names():

@@ -166,25 +166,38 @@ def _target_rows(rows: Interactions, target: int) -> np.ndarray:
 # -- the splits --------------------------------------------------------------------------
 
 @SPLITS.register("fixed")
-def split_fixed(data: Dataset, rng: np.random.Generator, min_items: int = 2) -> SplitParts:
+def split_fixed(data: Dataset, rng: np.random.Generator, min_items: int = 2,
+                valid_rule: str = "auto") -> SplitParts:
     """The held-out rows the files give (``test.tsv``, ``valid.tsv``).
 
     Without a validation file, validation is carved from training: one target item per
-    user, chosen at random (seeded; deliberately not the latest, since the test file
-    fixes no time order to respect); users with fewer than ``min_items`` distinct target
-    items in training keep them all.
+    user; users with fewer than ``min_items`` distinct target items in training keep
+    them all. ``valid_rule``: ``latest`` carves the user's latest training target item
+    (by timestamp), so validation looks like a test set of later purchases; ``random``
+    a seeded random one; ``auto`` (default) is ``latest`` where the rows carry times and
+    ``random`` otherwise. The rule used is recorded as ``report["split"]["valid_rule"]``.
     """
     if data.test is None:
         raise DataError(f"split 'fixed' needs held-out rows (test.tsv) but dataset '{data.name}' has none; "
                         "use loo, random, temporal or cold", file=data.root)
+    if valid_rule not in ("auto", "latest", "random"):
+        raise ConfigError(f"split option valid_rule must be auto, latest or random, not '{valid_rule}'")
     info: dict[str, Any] = {"carved_valid": data.valid is None}
     if data.valid is not None:
         return SplitParts(data.train, data.valid, data.test, data.cold_items, info)
     train = data.train
-    rep = _latest_pairs(train, _target_rows(train, data.target_index), data.n_items)
-    rep = rep[np.lexsort((rng.random(len(rep)), train.user[rep]))]
+    if valid_rule == "auto":
+        valid_rule = "latest" if train.timestamp is not None else "random"
+    if valid_rule == "latest" and train.timestamp is None:
+        raise DataError(f"split option valid_rule=latest needs timestamps, but dataset '{data.name}' has none",
+                        file=data.root)
+    info["valid_rule"] = valid_rule
+    rep = _latest_pairs(train, _target_rows(train, data.target_index), data.n_items)  # by user, then time
+    if valid_rule == "random":
+        rep = rep[np.lexsort((rng.random(len(rep)), train.user[rep]))]
     pos, n = _groups(train.user[rep])
-    valid = train.select(rep[(pos == 0) & (n >= min_items)])
+    pick = (n - 1 - pos == 0) if valid_rule == "latest" else (pos == 0)
+    valid = train.select(rep[pick & (n >= min_items)])
     return SplitParts(train, valid, data.test, data.cold_items, info)
 
 
