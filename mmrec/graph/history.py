@@ -35,6 +35,7 @@ only (:class:`PairEvidence`), never from a held-out row.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
@@ -312,12 +313,13 @@ class HistoryAware(Recommender):
         if "ev_user" not in batch:
             return loss
         u, i = batch["ev_user"], batch["ev_pos"]
-        parts = [i.unsqueeze(1), batch["ev_neg"]]
-        if self.config.top_negatives:
-            parts.append(self._top_negatives(u, i))
-        cand = torch.cat(parts, dim=1)  # column 0: the positive
-        with torch.no_grad():  # a stacked re-scorer: the backbone learns from its own loss only
-            base = self.backbone.score(u, cand)
+        with self._backbone_step_scores():
+            parts = [i.unsqueeze(1), batch["ev_neg"]]
+            if self.config.top_negatives:
+                parts.append(self._top_negatives(u, i))
+            cand = torch.cat(parts, dim=1)  # column 0: the positive
+            with torch.no_grad():  # a stacked re-scorer: the backbone learns from its own loss only
+                base = self.backbone.score(u, cand)
         bonus = self._pair_bonus(u.unsqueeze(1).expand_as(cand), cand)
         bonus = torch.cat([bonus[:, :1].masked_fill(batch["ev_drop"].unsqueeze(1), 0.0), bonus[:, 1:]], dim=1)
         s = self.scale * base + bonus
@@ -325,6 +327,20 @@ class HistoryAware(Recommender):
         listwise = F.cross_entropy(s, torch.zeros(len(s), dtype=torch.long, device=s.device))
         l2 = sum(p.pow(2).sum() for n, p in self.g.named_parameters() if n.endswith("weight"))
         return loss + self.config.evidence_weight * listwise + self.config.reg * l2
+
+    @contextlib.contextmanager
+    def _backbone_step_scores(self) -> Iterator[None]:
+        """Score with the representations the backbone's loss just computed (no second propagation)."""
+        step = getattr(self.backbone, "step_representations", None)
+        if step is None:
+            yield
+            return
+        self.backbone._cache = step
+        try:
+            yield
+        finally:
+            self.backbone._cache = None
+            self.backbone.step_representations = None
 
     def on_batch(self, batch: dict[str, Tensor]) -> None:
         self.backbone.on_batch(batch)

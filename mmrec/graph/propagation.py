@@ -209,6 +209,7 @@ class GraphRecommender(Recommender):
     def __init__(self) -> None:
         super().__init__()
         self._cache: tuple[Tensor, ...] | None = None
+        self.step_representations: tuple[Tensor, ...] | None = None
         self.register_load_state_dict_post_hook(_drop_cache)
 
     def compute_representations(self) -> tuple[Tensor, ...]:
@@ -218,9 +219,16 @@ class GraphRecommender(Recommender):
         self._cache = None
 
     def _fresh(self) -> tuple[Tensor, ...]:
-        """Representations with gradients for a training step (drops the eval cache)."""
+        """Representations with gradients for a training step (drops the eval cache).
+
+        A detached view of them stays in ``step_representations`` until the next step, so
+        a model stacked on this one (``history``) can score with this step's weights
+        without propagating again.
+        """
         self._cache = None
-        return self.compute_representations()
+        reps = self.compute_representations()
+        self.step_representations = tuple(t.detach() for t in reps)
+        return reps
 
     def representations(self) -> tuple[Tensor, ...]:
         return self._cache if self._cache is not None else self.compute_representations()
