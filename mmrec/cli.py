@@ -14,9 +14,10 @@ from mmrec.errors import MMRecError
 Handler = Callable[[argparse.Namespace], int]
 #: CLI modules, each with ``add_parsers(sub, data_sub, common)`` registering its
 #: sub-commands (``pretrain``, ``extract``, ``data shards``, ``data attributes``, ``recommend``,
-#: ``export``) with ``func`` set.
+#: ``export``, ``pipeline``) with ``func`` set.
 COMMAND_MODULES = ("mmrec.commands.pretrain", "mmrec.commands.extract", "mmrec.commands.shards",
-                   "mmrec.commands.attributes", "mmrec.commands.recommend", "mmrec.commands.export")
+                   "mmrec.commands.attributes", "mmrec.commands.recommend", "mmrec.commands.export",
+                   "mmrec.commands.pipeline")
 SPLIT_KINDS = ("fixed", "loo", "random", "temporal", "cold")
 
 
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = dsub.add_parser("describe", help="counts per behavior, users, items, modalities, sparsity")
     p.add_argument("data", help="a dataset directory (any readable format) or synthetic:<preset>")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--format", help="force a format: canonical, mmrec, mbgmn, recbole")
+    p.add_argument("--format", help="force a format: canonical, csv, mmrec, mbgmn, recbole")
     p.add_argument("--seed", type=int, default=0)
     _common(p)
     p.set_defaults(func=cmd_data_describe)

@@ -357,7 +357,7 @@ def test_detection_and_forced_format(tmp_path):
     assert load_dataset(tmp_path / "canon", format="CANONICAL").n_users == 1
     with pytest.raises(DataError, match="trn_"):
         load_dataset(tmp_path / "canon", format="mbgmn")
-    with pytest.raises(ConfigError, match="known: canonical, mbgmn, mmrec, recbole"):
+    with pytest.raises(ConfigError, match="known: canonical, csv, mbgmn, mmrec, recbole"):
         load_dataset(tmp_path / "canon", format="parquet")
     with pytest.raises(ConfigError, match="verify_media"):
         load_dataset(tmp_path / "canon", colour="blue")

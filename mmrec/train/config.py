@@ -121,14 +121,24 @@ def build_run_config(config_file: str | None, cli: dict[str, Any], overrides: It
     other_sets = [o for o in overrides if not o.startswith("model.")]
     raw = apply_overrides(raw, other_sets)
     raw["model_args"] = apply_overrides(dict(raw.get("model_args", {})), model_sets)
-    cfg = from_dict(RunConfig, raw)
-    if cfg.protocol not in ("full", "sampled"):
-        raise ConfigError(f"protocol must be 'full' or 'sampled', not '{cfg.protocol}'")
-    if cfg.mode not in ("two-step", "end2end"):
-        raise ConfigError(f"mode must be 'two-step' or 'end2end', not '{cfg.mode}'")
-    if cfg.on_unseen not in ("drop", "error"):
-        raise ConfigError(f"on_unseen must be 'drop' or 'error', not '{cfg.on_unseen}'")
+    cfg = run_config_from_dict(raw)
     cfg.recipe = str(recipe) if recipe else None  # type: ignore[attr-defined]
+    return cfg
+
+
+def run_config_from_dict(raw: dict[str, Any], path: str = "") -> RunConfig:
+    """A checked :class:`RunConfig` from a YAML-shaped dict (``model: {name, ...}`` accepted).
+
+    ``path`` prefixes key names in errors (``mmrec pipeline`` passes ``train``).
+    """
+    cfg = from_dict(RunConfig, _normalise(raw), path)
+    where = f"{path}." if path else ""
+    if cfg.protocol not in ("full", "sampled"):
+        raise ConfigError(f"{where}protocol must be 'full' or 'sampled', not '{cfg.protocol}'")
+    if cfg.mode not in ("two-step", "end2end"):
+        raise ConfigError(f"{where}mode must be 'two-step' or 'end2end', not '{cfg.mode}'")
+    if cfg.on_unseen not in ("drop", "error"):
+        raise ConfigError(f"{where}on_unseen must be 'drop' or 'error', not '{cfg.on_unseen}'")
     return cfg
 
 

@@ -18,6 +18,7 @@ from mmrec.registry import READERS
 # Modules that register readers (canonical first: its file names are the most specific).
 READER_MODULES = (
     "mmrec.datasets.canonical",
+    "mmrec.datasets.readers.csv_format",
     "mmrec.datasets.readers.mmrec_format",
     "mmrec.datasets.readers.recbole",
     "mmrec.datasets.readers.mbgmn",

@@ -1,4 +1,4 @@
-"""Fast typed reading of tab-separated files, with exact error locations.
+"""Fast typed reading of tab-separated files (comma-separated for ``*.csv``), with exact error locations.
 
 Good files take the fast path: pyarrow's multithreaded CSV parser (ids as strings,
 since '007' != '7'), vectorised checks, and vectorised id encoding. Only when a
@@ -61,6 +61,11 @@ class Table:
 
     def error(self, row: int, name: str, message: str) -> DataError:
         return DataError(message, file=self.path, line=self.line_of(row), field=self.fields.get(name, name))
+
+
+def delimiter_of(path: str | Path) -> str:
+    """``,`` for ``*.csv`` files (the ``csv`` reader), a tab for everything else."""
+    return "," if Path(path).suffix.lower() == ".csv" else "\t"
 
 
 def read_header(path: Path) -> list[str]:
@@ -149,7 +154,7 @@ def _first_row_has_int_ids(path: Path, header: list[str], int_headers: list[str]
     """
     with open(path, "rb") as f:
         f.readline()
-        row = f.readline().rstrip(b"\r\n").split(b"\t")
+        row = f.readline().rstrip(b"\r\n").split(delimiter_of(path).encode())
     if len(row) != len(header):
         return False
     return all(_DIGITS.fullmatch(row[header.index(h)]) for h in int_headers)
@@ -181,7 +186,7 @@ def _parse_int_ids(path: Path, header: list[str], wanted: dict[str, tuple[str, s
         table = pcsv.read_csv(
             path,
             read_options=pcsv.ReadOptions(column_names=header, skip_rows=1, block_size=block),
-            parse_options=pcsv.ParseOptions(delimiter="\t"),
+            parse_options=pcsv.ParseOptions(delimiter=delimiter_of(path)),
             convert_options=pcsv.ConvertOptions(column_types=types, include_columns=list(wanted), null_values=[],
                                                 strings_can_be_null=False, quoted_strings_can_be_null=False))
     except (pa.ArrowInvalid, OSError):
@@ -243,7 +248,7 @@ def _parse(path: Path, header: list[str], wanted: dict[str, tuple[str, str]]) ->
             table = pcsv.read_csv(
                 path,
                 read_options=pcsv.ReadOptions(column_names=header, skip_rows=1, block_size=block),
-                parse_options=pcsv.ParseOptions(delimiter="\t"),
+                parse_options=pcsv.ParseOptions(delimiter=delimiter_of(path)),
                 convert_options=pcsv.ConvertOptions(
                     column_types=types, include_columns=list(wanted), null_values=[],
                     strings_can_be_null=False, quoted_strings_can_be_null=False),
@@ -280,7 +285,7 @@ def _validate(table: Table, kinds: dict[str, str]) -> None:
 def iter_rows(path: Path, header: bool = False) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) of each non-blank row after the header (or of the header)."""
     lines = _decoded_lines(path)
-    reader = csv.reader(lines, delimiter="\t")
+    reader = csv.reader(lines, delimiter=delimiter_of(path))
     first = True
     for row in reader:
         if first:
