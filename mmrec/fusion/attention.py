@@ -13,6 +13,8 @@ tests, reports and users can see which modality a trained model relies on:
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -102,6 +104,8 @@ class AttentionFusion(_WeightedFusion):
     modality on the items where it is noise and keep it where it is informative, which a
     per-modality projection scale cannot (measured in docs/models/fusion.md).
     """
+
+    renormalises: ClassVar[bool] = True  # weights sum to 1 over the modalities an item has
 
     def __init__(self, modalities: list[str], dim: int) -> None:
         super().__init__(modalities, dim)

@@ -14,10 +14,15 @@ The three stages are registries (``FUSIONS``, ``FILTRATIONS``), so
 - a *source* yields per-modality features and presence masks (:class:`FrozenFeatures`
   from the feature store, or encoders fine-tuned end to end);
 - each modality is projected to ``dim`` (one linear map per modality);
-- a *feature filtration* (``gate``: behavior-guided purification) may rewrite the
-  projected modalities using the item ID embedding;
+- a *feature filtration* (``gate``: behavior-guided purification using the item ID
+  embedding; ``modality-gate``: one learned weight per modality) may rewrite the
+  projected modalities;
 - a *fusion* (``sum``, ``concat``, ``attention``, ``gated``, ...) combines them into one
   vector per item. Masked modalities never contribute.
+
+With ``modality_dropout = p > 0`` the encoder hides, in training only, each modality an
+item has with probability p from the filtration and the fusion
+(:func:`~mmrec.fusion.modality_gate.drop_modalities`).
 
 Fusion modules: ``cls(modalities: list[str], dim: int)`` and
 ``forward(parts, masks, id_emb) -> Tensor``. Feature filtrations: ``kind = "features"``,
@@ -43,7 +48,8 @@ Parts = dict[str, Tensor]
 
 #: Modules whose import registers fusions / filtrations (absent ones are skipped).
 FUSION_MODULES = ("mmrec.fusion.simple", "mmrec.fusion.attention", "mmrec.fusion.nova",
-                  "mmrec.fusion.filtration", "mmrec.fusion.edge_filtration")
+                  "mmrec.fusion.filtration", "mmrec.fusion.edge_filtration",
+                  "mmrec.fusion.modality_gate")
 
 
 def import_all_fusions() -> None:
@@ -64,6 +70,7 @@ class ContentFields:
     fusion: str = "sum"
     filtration: str | None = None
     feature_norm: str = "standard"      # standard | l2 | none: how stored features are scaled before projection
+    modality_dropout: float = 0.0       # training only: hide each of an item's modalities with this probability
     # end-to-end mode (--mode end2end): encoders fine-tuned with the recommendation loss
     mode: str = "two-step"
     encoders: dict[str, Any] | None = None  # modality -> encoder name or {name: ..., kwargs}; default: small CPU ones
@@ -124,18 +131,47 @@ class FrozenFeatures(nn.Module):
     def masks(self) -> Parts:
         return {m: getattr(self, f"mask_{m}") for m in self.modalities}
 
+    def projection_rms(self, modality: str, weight: Tensor) -> Tensor:
+        """``sqrt(mean_i ‖W x_i‖²)`` over the items that have ``modality``, for a projection ``W``
+        [dim, d_m], differentiable in ``W``, without projecting the catalogue.
+
+        ``mean_i ‖W x_i‖² = ‖F Wᵀ‖²_F`` for any ``F`` with ``FᵀF = XᵀX / n`` (X: present rows);
+        ``F`` (at most ``d_m × d_m``: ``Λ^½ Qᵀ`` of the Gram's eigendecomposition when n > d_m) is
+        computed once and cached,
+        so a step costs ``d_m² · dim`` whatever the catalogue size.
+        """
+        cache = self.__dict__.setdefault("_rms_factors", {})
+        key = (modality, weight.device)
+        if key not in cache:
+            x = getattr(self, f"feat_{modality}")[getattr(self, f"mask_{modality}")]
+            n, d = max(int(x.shape[0]), 1), int(x.shape[1])
+            if x.shape[0] <= d:
+                f = x.double() / n ** 0.5
+            else:  # F = Λ^½ Qᵀ of XᵀX / n = Q Λ Qᵀ (Gram accumulated in float64 by blocks: d² memory)
+                gram = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+                for start in range(0, x.shape[0], 65536):
+                    block = x[start:start + 65536].double()
+                    gram += block.T @ block
+                evals, evecs = torch.linalg.eigh(gram / n)
+                f = evals.clamp_min(0).sqrt().unsqueeze(1) * evecs.T
+            cache[key] = f.float().to(weight.device)
+        return (cache[key] @ weight.T).pow(2).sum().sqrt()
+
     def forward(self) -> tuple[Parts, Parts]:
         """(features [n, d_m] per modality, presence masks [n] per modality)."""
         return {m: getattr(self, f"feat_{m}") for m in self.modalities}, self.masks()
 
 
 class ItemContentEncoder(nn.Module):
-    """Source -> per-modality linear projection -> optional filtration -> fusion."""
+    """Source -> per-modality linear projection -> (modality dropout) -> optional filtration -> fusion."""
 
     def __init__(self, source: nn.Module, dim: int, fusion: str = "sum", filtration: str | None = None,
-                 init_std: float = 0.1) -> None:
+                 init_std: float = 0.1, modality_dropout: float = 0.0) -> None:
         super().__init__()
         import_all_fusions()
+        if not 0.0 <= modality_dropout < 1.0:
+            raise ConfigError(f"model.modality_dropout must be in [0, 1), got {modality_dropout}")
+        self.modality_dropout = float(modality_dropout)
         self.init_std = init_std
         self.source = source
         self.modalities: list[str] = list(source.modalities)
@@ -167,9 +203,12 @@ class ItemContentEncoder(nn.Module):
                 module.reset_parameters()
 
     def modality_embeddings(self, id_emb: Tensor | None = None) -> tuple[Parts, Parts]:
-        """Projected (and filtered) modality embeddings [n, dim] with their masks."""
+        """Projected (and filtered) modality embeddings [n, dim] with their masks.
+
+        In training with ``modality_dropout`` the masks are those after the dropout.
+        """
         feats, masks = self.source()
-        return self._project(feats, masks, id_emb), masks
+        return self._project(feats, masks, id_emb)
 
     def encode_rows(self, rows: Tensor, id_rows: Tensor | None = None, fuse: bool = True) -> Tensor | Parts:
         """``self(id_emb)[rows]`` (or the rows of ``modality_embeddings``), computed for ``rows`` only.
@@ -181,16 +220,76 @@ class ItemContentEncoder(nn.Module):
         feats, masks = self.source()
         feats = {m: feats[m][rows] for m in self.modalities}
         masks = {m: masks[m][rows] for m in self.modalities}
-        parts = self._project(feats, masks, id_rows)
+        parts, masks = self._project(feats, masks, id_rows)
         return self.fusion(parts, masks, id_rows) if fuse else parts
 
-    def _project(self, feats: Parts, masks: Parts, id_emb: Tensor | None) -> Parts:
-        """Per-modality projection, masked; then the feature filtration, masked again."""
+    def encode_rows_weights_only(self, rows: Tensor) -> Tensor:
+        """``self()[rows]`` as in evaluation, with a gradient for the filtration's parameters only.
+
+        The projections (and their catalogue norms) are computed without gradient: a model
+        that learns its modality weights on held-out items (VBPR's ``gate_holdout``) uses this,
+        so those items' interactions never fit the projections (they stay unseen, like cold
+        items, to everything but the weights). The fusion's parameters, if any, are shared
+        by all items and learn here too.
+        """
+        feats, masks = self.source()
+        feats = {m: feats[m][rows] for m in self.modalities}
+        masks = {m: masks[m][rows] for m in self.modalities}
+        with torch.no_grad():
+            parts = {m: self.proj[m](feats[m]) * masks[m].unsqueeze(1).to(feats[m].dtype) for m in self.modalities}
+            wants = getattr(self.filtration, "wants_scale", False)
+            extra = {"scales": self.projection_rms(parts, masks)} if wants else {}
+        if self.filtration is not None:
+            parts = self.filtration(parts, None, masks, **extra)
+            parts = {m: p * masks[m].unsqueeze(1).to(p.dtype) for m, p in parts.items()}
+        return self.fusion(parts, masks, None)
+
+    def _project(self, feats: Parts, masks: Parts, id_emb: Tensor | None) -> tuple[Parts, Parts]:
+        """Per-modality projection, masked; modality dropout (training); the feature filtration,
+        masked again. Returns the parts and the masks the fusion must use."""
+        if self.training and self.modality_dropout > 0:
+            from mmrec.fusion.modality_gate import drop_modalities
+
+            kept = drop_modalities(masks, self.modality_dropout)
+            if not getattr(self.fusion, "renormalises", False):  # inverted dropout: |M_i| / |kept_i|
+                n_present = sum(masks[m].to(torch.float32) for m in self.modalities)
+                n_kept = sum(kept[m].to(torch.float32) for m in self.modalities)
+                factor = (n_present / n_kept.clamp_min(1)).unsqueeze(1)
+                feats = {m: feats[m] * factor.to(feats[m].dtype) for m in self.modalities}
+            masks = kept
         parts = {m: self.proj[m](feats[m]) * masks[m].unsqueeze(1).to(feats[m].dtype) for m in self.modalities}
         if self.filtration is not None:
-            parts = self.filtration(parts, id_emb, masks)
+            if getattr(self.filtration, "wants_scale", False):
+                parts = self.filtration(parts, id_emb, masks, scales=self.projection_rms(parts, masks))
+            else:
+                parts = self.filtration(parts, id_emb, masks)
             parts = {m: p * masks[m].unsqueeze(1).to(p.dtype) for m, p in parts.items()}
-        return parts
+        return parts, masks
+
+    def projection_rms(self, parts: Parts | None = None, masks: Parts | None = None) -> Parts:
+        """Per modality, the RMS norm of its projection over the catalogue's items that have it.
+
+        Exact and cheap for stored features (:meth:`FrozenFeatures.projection_rms`); for
+        other sources (encoders fine-tuned end to end) estimated from the rows of ``parts``.
+        """
+        exact = getattr(self.source, "projection_rms", None)
+        if exact is not None:
+            return {m: exact(m, self.proj[m].weight) for m in self.modalities}
+        if parts is None or masks is None:
+            raise ConfigError("projection_rms: this content source needs the current parts and masks")
+        out = {}
+        for m in self.modalities:
+            rows = parts[m][masks[m].bool()]
+            out[m] = rows.pow(2).sum(1).mean().sqrt() if rows.shape[0] else parts[m].new_ones(())
+        return out
+
+    def modality_weights(self) -> dict[str, dict[str, float | int | None]] | None:
+        """Learned per-modality weights (mean / std over the items that have each modality), or
+        None when the filtration has no modality weighting; ``metrics.json`` reports them."""
+        report = getattr(self.filtration, "modality_weights", None)
+        if report is None:
+            return None
+        return report({m: mask.detach().cpu() for m, mask in self.source.masks().items()})
 
     def forward(self, id_emb: Tensor | None = None) -> Tensor:
         parts, masks = self.modality_embeddings(id_emb)
@@ -250,7 +349,8 @@ def build_item_content(data: Dataset, dim: int, config: Any, source: nn.Module |
         source = FrozenFeatures(feature_tables(data, getattr(config, "features", None), what),
                                 getattr(config, "feature_norm", "standard"))
     return ItemContentEncoder(source, dim, getattr(config, "fusion", "sum") or "sum",
-                              getattr(config, "filtration", None))
+                              getattr(config, "filtration", None),
+                              modality_dropout=getattr(config, "modality_dropout", 0.0))
 
 
 __all__ = ["ContentFields", "FrozenFeatures", "ItemContentEncoder", "build_item_content", "feature_tables",

@@ -247,9 +247,17 @@ def frozen_source(data: Dataset, config) -> FrozenFeatures:
 
 
 def content_encoder(source: nn.Module, dim: int, fusion: str = "sum",
-                    feature_filtration: str | None = None) -> ItemContentEncoder:
+                    feature_filtration: str | None = None, modality_dropout: float = 0.0) -> ItemContentEncoder:
     """The shared encoder (projection per modality, optional feature filtration, a fusion)."""
-    return ItemContentEncoder(source, dim, fusion, feature_filtration)
+    return ItemContentEncoder(source, dim, fusion, feature_filtration, modality_dropout=modality_dropout)
+
+
+def filtration_uses_id(name: str | None) -> bool:
+    """Whether feature filtration ``name`` reads the item ID embedding (then its size must match)."""
+    if not name:
+        return False
+    import_all_fusions()
+    return bool(getattr(FILTRATIONS.get(name), "uses_id", True))
 
 
 def bpr(pos: Tensor, neg: Tensor) -> Tensor:
@@ -328,5 +336,5 @@ def check_positive(name: str, value: float | int, allow_zero: bool = False) -> N
 
 
 __all__ = ["ContentGraphRecommender", "FrozenItemGraph", "ItemGraph", "UserItemGraph", "UI_NORMS", "bpr",
-           "check_positive", "content_encoder", "edge_filtration", "frozen_source", "mix_graphs",
+           "check_positive", "content_encoder", "edge_filtration", "filtration_uses_id", "frozen_source", "mix_graphs",
            "rows_csr", "spmm_rows", "ui_adjacency", "warm_items"]

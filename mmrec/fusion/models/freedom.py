@@ -126,7 +126,8 @@ class FREEDOM(ContentGraphRecommender):
         source = frozen_source(data, config)
         weights = resolve_modality_weights(list(source.modalities), config.modality_weights)
         item_graph = frozen_item_graph(source, config.knn_k, weights, config.knn_backend)
-        content = content_encoder(source, config.dim, config.fusion or "sum", feature_filtration)
+        content = content_encoder(source, config.dim, config.fusion or "sum", feature_filtration,
+                                  config.modality_dropout)
         graph = UserItemGraph(data.matrix(), "sym", pruning)
         return cls(data.n_users, data.n_items, warm_items(data), graph, item_graph, content, config, weights)
 

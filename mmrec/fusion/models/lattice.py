@@ -57,11 +57,11 @@ from mmrec.errors import ConfigError
 from mmrec.fusion.bridge.knn import NORMALIZATIONS, knn_graph
 from mmrec.fusion.content import ContentFields, FrozenFeatures, import_all_fusions
 from mmrec.fusion.models.backbone import (UI_NORMS, ContentGraphRecommender, ItemGraph, UserItemGraph, bpr,
-                                          check_positive, content_encoder, edge_filtration, frozen_source,
-                                          mix_graphs, warm_items)
+                                          check_positive, content_encoder, edge_filtration, filtration_uses_id,
+                                          frozen_source, mix_graphs, warm_items)
 from mmrec.graph.lightgcn import LightGCNEncoder
 from mmrec.models.base import ModelConfig
-from mmrec.registry import FUSIONS, MODELS
+from mmrec.registry import FILTRATIONS, FUSIONS, MODELS
 
 Parts = dict[str, Tensor]
 GRAPH_FUSION = "graph"
@@ -308,11 +308,16 @@ class LATTICE(ContentGraphRecommender):
     def from_dataset(cls, data: Dataset, config: LatticeConfig) -> "LATTICE":
         cls.check_config(config)
         feature_filtration, pruning = edge_filtration(config)
-        if feature_filtration and config.feat_dim != config.dim:
+        if feature_filtration and getattr(FILTRATIONS.get(feature_filtration), "scale_only", False):
+            raise ConfigError(f"filtration '{feature_filtration}' rescales whole modality rows, which the cosine "
+                              f"kNN item graphs of {cls.__name__.lower()} ignore (it would learn nothing); "
+                              "this model weights modalities itself: LATTICE's softmax α over modality graphs "
+                              "(fusion: graph), MICRO's attention fusion. modality_dropout works here")
+        if filtration_uses_id(feature_filtration) and config.feat_dim != config.dim:
             raise ConfigError(f"filtration '{feature_filtration}' gates projected features with the item ID "
                               f"embedding: model.feat_dim ({config.feat_dim}) must equal model.dim ({config.dim})")
         source = frozen_source(data, config)
-        content = content_encoder(source, config.feat_dim, "sum", feature_filtration)
+        content = content_encoder(source, config.feat_dim, "sum", feature_filtration, config.modality_dropout)
         combine = GRAPH_FUSION if config.fusion == GRAPH_FUSION else "modality"
         fusion = None
         if combine == "modality":
