@@ -4,7 +4,8 @@ The three stages of the platform on the synthetic world, sized for a CPU in abou
 minute: small random-init encoders (a 1-layer BERT on MiniLM's tokenizer, a ViT on
 32 px images, a small log-mel CNN) are aligned to a trained LightGCN's item embeddings
 (a frozen target), their features are extracted into a feature file, and recommenders
-are trained on that file with a fusion module.
+are trained on that file with a fusion module. ``mmrec demo --quick`` skips the encoders and
+trains :data:`QUICK_CONTENT_MODELS` on the world's stored features instead.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ DEMO_CONTENT_MODELS: list[tuple[str, str, dict[str, Any]]] = [
     ("lightgcn+attn", "lightgcn", {**_TABLES, "use_features": True, "fusion": "attention"}),
     ("freedom", "freedom", {**_TABLES, "modality_weights": None}),
     ("cigf+attn", "cigf", {**_TABLES, "use_features": True, "fusion": "attention", "samples_per_user": 10}),
+]
+
+#: ``mmrec demo --quick``: content models on the synthetic world's stored features (a noisy random
+#: projection of the factors each modality shows), so no encoder is pre-trained
+QUICK_CONTENT_MODELS: list[tuple[str, str, dict[str, Any]]] = [
+    ("vbpr", "vbpr", {**_TABLES}),
+    ("lightgcn+attn", "lightgcn", {**_TABLES, "use_features": True, "fusion": "attention"}),
 ]
 
 

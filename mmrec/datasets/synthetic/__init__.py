@@ -1,4 +1,4 @@
-"""The built-in synthetic world (``synthetic:tiny|small|medium``).
+"""The built-in synthetic world (``synthetic:tiny|small|medium|demo``).
 
 Latent item factors (shape, colour, texture, category and a continuous vector)
 are rendered into images, text and audio; users' latent tastes over the same

@@ -4,7 +4,8 @@ Views are a Gumbel-top-k draw (sampling without replacement from
 ``softmax_i(score(u, i, s))``) per scenario, computed in user blocks so the
 medium world never holds a dense users x items float64 matrix. Cart and buy
 keep the views whose noisy utility is highest, so buys are the best-liked of
-what a user saw, and the cascade holds by construction.
+what a user saw, and the cascade holds by construction (unless ``direct_buy_share``
+drops the logged view and cart of some buys).
 """
 
 from __future__ import annotations
@@ -126,16 +127,33 @@ def timestamps(views: Views, factors: Factors, cfg: WorldConfig, seed: int) -> n
     return ts
 
 
+def direct_buys(buy: np.ndarray, cfg: WorldConfig, seed: int) -> np.ndarray:
+    """Boolean per view: a buy whose view and cart were not logged (``direct_buy_share`` of the buys).
+
+    Real logs miss the browsing behind many purchases (a search result bought at once, a
+    link from outside, another device), so a test purchase is not always one the user
+    was seen viewing; without this the "buy what you viewed" prior is an oracle.
+    """
+    if cfg.direct_buy_share <= 0:
+        return np.zeros(len(buy), dtype=bool)
+    return buy & (stream(seed, "direct").random(len(buy)) < cfg.direct_buy_share)
+
+
 def behavior_rows(views: Views, factors: Factors, cfg: WorldConfig, seed: int) -> Interactions:
-    """All view, cart and buy rows, sorted by (user, timestamp, behavior)."""
+    """All view, cart and buy rows, sorted by (user, timestamp, behavior).
+
+    The cascade holds for every buy except the :func:`direct_buys`, which have no view or
+    cart row.
+    """
     cart, buy = cascade(views, cfg, seed)
+    direct = direct_buys(buy, cfg, seed)
     ts = timestamps(views, factors, cfg, seed)
     rng = stream(seed, "delays")
     cart_ts = ts + rng.integers(60, _MAX_DELAY, len(ts))
     buy_ts = cart_ts + rng.integers(60, _MAX_DELAY, len(ts))
     parts = [
-        (np.ones(len(ts), bool), 0, ts),
-        (cart, 1, cart_ts),
+        (~direct, 0, ts),
+        (cart & ~direct, 1, cart_ts),
         (buy, 2, buy_ts),
     ]
     user = np.concatenate([views.user[m] for m, _, _ in parts])
