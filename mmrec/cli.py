@@ -86,7 +86,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if getattr(cfg, "recipe", None):
         print(f"config: {cfg.recipe}")
     metrics = train(cfg)
-    print_metrics_table({cfg.model: metrics["metrics"]}, title=f"test ({cfg.protocol} ranking)")
+    kind = f"head {cfg.head}, labelled exposures" if cfg.head else f"{cfg.protocol} ranking"
+    print_metrics_table({cfg.model: metrics["metrics"]}, title=f"test ({kind})")
     if "cold_start" in metrics:
         print_metrics_table({cfg.model: metrics["cold_start"]}, title="cold-start items")
     print(f"best epoch {metrics['best_epoch']} of {metrics['epochs']}; wrote {Path(cfg.out) / 'metrics.json'}")
@@ -104,13 +105,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.seed is not None:
         overrides["seed"] = args.seed
     out = evaluate(args.run, data=args.data, protocol=args.protocol, split=held_out, overrides=overrides)
-    print_metrics_table({out["model"]: out["metrics"]}, title=f"{held_out} ({out['protocol']} ranking)")
+    from mmrec.train.run import load_run_config
+    head = load_run_config(Path(args.run)).head
+    kind = f"head {head}, labelled exposures" if head else f"{out['protocol']} ranking"
+    print_metrics_table({out["model"]: out["metrics"]}, title=f"{held_out} ({kind})")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from mmrec.demo import run_demo
-    run_demo(Path(args.out), preset=args.preset, seed=args.seed, epochs=args.epochs)
+    run_demo(Path(args.out), preset=args.preset, seed=args.seed, epochs=args.epochs, quick=args.quick)
     return 0
 
 
@@ -192,9 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole path on the synthetic world, ending in a report")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--quick", action="store_true",
+                   help="fewer models, content models on the world's stored features (no pre-training)")
     _common(p)
     p.set_defaults(func=cmd_demo)
 

@@ -8,6 +8,7 @@ a nested dict, ``--set a.b=3`` patches it (values parsed as YAML), and
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
@@ -63,9 +64,13 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if len(args) == 1:
             return _coerce(args[0], value, path)
         return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if tp in (int, float) and isinstance(value, bool):  # bool is an int in Python: `epochs: true` is a typo
+        raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r}")
+    if tp is float and isinstance(value, (int, float)):
         return float(value)
-    if tp is int and isinstance(value, float) and value.is_integer():
+    if tp is int and isinstance(value, float):
+        if not value.is_integer():  # int(1.5) would silently truncate
+            raise ConfigError(f"{path}: expected int, got {value!r}")
         return int(value)
     if tp is bool and isinstance(value, str):
         if value.lower() in ("true", "yes", "1"):
@@ -88,10 +93,12 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join((path + '.' if path else '') + k for k in unknown)}"
-                          f"; known: {', '.join(sorted(names))}")
+        close = {k: difflib.get_close_matches(str(k), sorted(names), n=1) for k in unknown}
+        hint = "; ".join(f"did you mean '{(path + '.' if path else '') + c[0]}'?" for c in close.values() if c)
+        raise ConfigError(f"unknown config key(s) {', '.join((path + '.' if path else '') + str(k) for k in unknown)}"
+                          f"{'; ' + hint + ' ' if hint else '; '}known: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(hints.get(k, Any), v, f"{path}.{k}" if path else k) for k, v in data.items()}
     return cls(**kwargs)
 

@@ -93,6 +93,8 @@ class Recommender:
                 raise MMRecError(f"{run_dir} has no {name}: {why}")
         if data is not None:
             cfg.data = data
+        from mmrec.rundir import check_provenance
+        check_provenance(run_dir, cfg.data)  # warns when the data changed since training (ids are checked below)
         ds = prepare_data(cfg)
         check_run_data(run_dir / METRICS, ds)
         model = create_model(cfg.model, ds, model_args(cfg)).to(resolve_device(device or cfg.device))

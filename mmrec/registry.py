@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Callable, Generic, Iterator, TypeVar
 
 from mmrec.errors import ConfigError
@@ -33,11 +34,17 @@ class Registry(Generic[T]):
         return add(obj) if obj is not None else add
 
     def get(self, name: str) -> T:
-        key = name.lower()
+        key = str(name).lower()
         if key not in self._items:
-            known = ", ".join(sorted(self._items)) or "(none)"
-            raise ConfigError(f"unknown {self.kind} '{name}'; known: {known}")
+            raise ConfigError(self.unknown_message(name))
         return self._items[key]
+
+    def unknown_message(self, name: str) -> str:
+        """``unknown model 'lightgnc'; did you mean 'lightgcn'? known: ...`` (typos are the usual cause)."""
+        known = sorted(self._items)
+        close = difflib.get_close_matches(str(name).lower(), known, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}? " if close else "; "
+        return f"unknown {self.kind} '{name}'{hint}known: {', '.join(known) or '(none)'}"
 
     def __contains__(self, name: str) -> bool:
         return name.lower() in self._items

@@ -32,7 +32,9 @@ Rules the loader follows:
   is used (``audio``: ``audio/<item>.wav``). A listed file that does not exist is
   counted in ``report["missing_media"]`` and that item's entry is None (masked);
   with ``verify_media=True`` files that do not decode are counted in
-  ``report["unreadable_media"]`` and masked the same way.
+  ``report["unreadable_media"]`` and masked the same way. A listed path that leaves the
+  directory (absolute, or ``..`` past it) is never opened: counted in
+  ``report["unsafe_media"]`` and masked (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -86,6 +88,10 @@ class DatasetMeta:
     target: str | None = None
     text_columns: list[str] | None = None
     scenarios: list[str] | None = None  # scenario names in index order (written so round trips keep it)
+    # joint-task heads (mmrec/heads/tasks.py): a task rule name (exposures, rated, multi-behavior) or
+    # task names in cascade order, and the scenario source (`scenario`, or a users.tsv column)
+    tasks: str | list[str] | None = None
+    scenario_column: str | None = None
 
 
 @dataclass
@@ -422,9 +428,14 @@ def item_content(root: Path, items: ItemRows | None, item_ids: list[str], meta: 
     missing: dict[str, int] = {}
     unreadable: dict[str, int] = {}
     for kind, exts in (("image", IMAGE_EXTS), ("audio", AUDIO_EXTS)):
-        paths = _media_paths(root, kind, exts, items, rows, item_ids)
+        outside: list[int] = []
+        paths = _media_paths(root, kind, exts, items, rows, item_ids, outside)
         if paths is None:
             continue
+        if outside:  # never read a file the dataset does not hold (items.tsv may come from anyone)
+            report.setdefault("unsafe_media", {})[kind] = len(outside)
+            warnings.warn(f"{items.path}: {len(outside)} {kind} path(s) point outside {root} (absolute or '..'), "
+                          f"e.g. line {outside[0]}; refused, those items have no {kind} (masked)", stacklevel=3)
         entries, n_missing, n_bad = _check_media(paths, kind, verify_media)
         setattr(content, kind, entries)
         if n_missing:
@@ -443,14 +454,41 @@ def item_content(root: Path, items: ItemRows | None, item_ids: list[str], meta: 
     return content
 
 
+def _outside(value: str) -> bool:
+    """Whether a media path leaves the dataset directory: absolute, a drive, or ``..`` past the root.
+
+    Lexical on purpose: symlinks inside the directory were put there by its owner and are
+    followed; a path in a data file is not trusted to climb out.
+    """
+    p = value.replace("\\", "/")
+    if p.startswith("/") or re.match(r"[A-Za-z]:", p):
+        return True
+    depth = 0
+    for part in p.split("/"):
+        depth += -1 if part == ".." else int(part not in ("", "."))
+        if depth < 0:
+            return True
+    return False
+
+
 def _media_paths(root: Path, kind: str, exts: tuple[str, ...], items: ItemRows | None,
-                 rows: list[int] | None, item_ids: list[str]) -> list[tuple[str, Path | None, bool]] | None:
-    """Per item: (id, path or None, whether the data says the file should exist)."""
+                 rows: list[int] | None, item_ids: list[str],
+                 outside: list[int] | None = None) -> list[tuple[str, Path | None, bool]] | None:
+    """Per item: (id, path or None, whether the data says the file should exist).
+
+    Column paths that leave ``root`` (:func:`_outside`) are refused: None, and their
+    ``items.tsv`` line goes to ``outside``.
+    """
     if items is not None and kind in items.columns:
         values = items.columns[kind]
         out = []
         for x, r in zip(item_ids, rows):
             v = values[r] if r >= 0 else ""
+            if v and _outside(v):
+                if outside is not None:
+                    outside.append(items.lines[r])
+                out.append((x, None, False))
+                continue
             out.append((x, (root / v) if v else None, bool(v)))
         return out
     folder = root / ("images" if kind == "image" else "audio")

@@ -57,7 +57,8 @@ def preprocess_robust(encoder: Encoder, raws: Sequence[Any], modality: str | Non
 
     Missing content (None, empty bytes, blank text) is ``missing``; content the
     encoder's own preprocessing rejects (undecodable image, truncated WAV) is
-    ``corrupt``. Both are counted in ``bad`` (when given) and left out of the batch.
+    ``corrupt`` (or the reason the error carries, e.g. ``too_large``). All are counted in
+    ``bad`` (when given) and left out of the batch.
     """
     modality = modality or encoder.modality
     ids = list(ids) if ids is not None else list(range(len(raws)))
@@ -80,7 +81,8 @@ def preprocess_robust(encoder: Encoder, raws: Sequence[Any], modality: str | Non
         except Exception as e:  # noqa: BLE001 - any decoder error means this item's media is bad
             ok[i] = False
             if bad is not None:
-                bad.add(modality, "corrupt", f"{ids[i]}: {type(e).__name__}: {e}"[:200])
+                # reason: "corrupt", or what the decoder named (load_image: "too_large" for bombs)
+                bad.add(modality, getattr(e, "reason", "corrupt"), f"{ids[i]}: {type(e).__name__}: {e}"[:200])
     if not good:
         return None, ok
     return encoder.preprocess([raws[i] for i in good]), ok

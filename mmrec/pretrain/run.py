@@ -33,6 +33,7 @@ from mmrec.pretrain.retrieval import embed_items, retrieval_metrics
 from mmrec.pretrain.shards import read_sizes, write_shards
 from mmrec.pretrain.trainer import (CHECKPOINT, AlignmentModel, DistInfo, PretrainTrainer, TrainResult, barrier,
                                     build_model, init_distributed)
+from mmrec.rundir import holds_run_dir, write_provenance
 
 METRICS = "metrics.json"
 Log = Callable[[str], None]
@@ -142,6 +143,7 @@ def evaluate_retrieval(model: AlignmentModel, data: Dataset, cfg: PretrainConfig
     return retrieval_metrics(embs, masks, modalities, cfg.eval.ks, cfg.eval.block_size)
 
 
+@holds_run_dir("pretrain", main_only=True)  # RUN writable, RUN/.lock held by rank 0 (mmrec/rundir.py)
 def pretrain(cfg: PretrainConfig, log: Log | None = None, data: Dataset | None = None) -> dict[str, Any]:
     """Run (or resume) a pre-training run; returns what ``metrics.json`` holds (``{"interrupted": True,
     ...}`` when ``train.stop_after`` stopped it early). Works alone or under ``torchrun``.
@@ -164,6 +166,8 @@ def pretrain(cfg: PretrainConfig, log: Log | None = None, data: Dataset | None =
     data_name = cfg.data if data is None else data.name
     if data is None:
         data = load_pretrain_data(cfg)
+        if info.is_main:  # versions + data fingerprint (docs/reliability.md)
+            write_provenance(run_dir, cfg.data, "pretrain")
     elif data.split is None:
         data = apply_split(data, cfg.split, seed=cfg.seed)
     modalities, dropped = available_modalities(cfg, data)

@@ -445,7 +445,8 @@ class PretrainTrainer:
         path = self.run_dir / CHECKPOINT
         if not path.exists():
             return None
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        from mmrec.train.checkpoint import safe_torch_load  # weights_only=True: a pickle could run code
+        state = safe_torch_load(path)
         if state["world_size"] != self.info.world:
             raise MMRecError(f"{path} was written by {state['world_size']} process(es); resume it with the "
                              f"same number (now {self.info.world}) so the data order and RNGs match")

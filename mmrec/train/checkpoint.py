@@ -55,16 +55,55 @@ def save_state(run_dir: str | Path, *, model: nn.Module, optimizer: torch.optim.
         "epoch": epoch,
         "numpy_rng": rng.bit_generator.state,
         "torch_rng": torch.get_rng_state(),
-        "selection": selection,
-        "history": history,
+        "selection": _plain(selection),  # EvalResult -> dict: weights_only loading takes plain dicts only
+        "history": _plain(history),
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return path
 
 
+def _plain(obj: Any) -> Any:
+    """Dict subclasses as dicts, numpy scalars as Python numbers, recursively."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj) if type(obj) in (list, tuple) else [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
 def load_state(run_dir: str | Path) -> dict[str, Any] | None:
     path = Path(run_dir) / STATE
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return safe_torch_load(path)
+
+
+def _safe_globals() -> list[Any]:
+    """Classes a resumable state may hold besides tensors and plain containers: data, never code.
+
+    The legacy numpy RNG state (``np.random.get_state()``, pre-training) is an ndarray.
+    """
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64, np.bool_)]
+    return [np.ndarray, np.dtype, _reconstruct, *dtypes]
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """``torch.load`` with ``weights_only=True``: a checkpoint is a pickle, and a pickle from elsewhere
+    could run code when loaded. Anything but tensors, plain data and :func:`_safe_globals` is refused."""
+    import pickle
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        import re
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the global it blocked
+        why = f"it would load {found.group(1)}" if found else str(e).strip().splitlines()[0]
+        raise MMRecError(f"{path}: refusing to load: it holds more than tensors and plain data ({why}); "
+                         f"only load checkpoints you trust") from None

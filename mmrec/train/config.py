@@ -68,6 +68,7 @@ class RunConfig:
     model_args: dict[str, Any] = field(default_factory=dict)
     split_args: dict[str, Any] = field(default_factory=dict)
     data_args: dict[str, Any] = field(default_factory=dict)  # reader / synthetic-world options, e.g. noisy_modality
+    head_args: dict[str, Any] = field(default_factory=dict)  # --head: tasks, scenarios, balancing, the head's config
     train: TrainSection = field(default_factory=TrainSection)
 
     def ks(self) -> list[int]:
@@ -76,7 +77,11 @@ class RunConfig:
         return [5, 10, 20] if self.protocol == "sampled" else [5, 10, 20, 50]
 
     def select_metric(self) -> str:
-        return self.train.select or ("NDCG@10" if self.protocol == "sampled" else "Recall@20")
+        if self.train.select:
+            return self.train.select
+        if self.head:  # a head is selected on its mean task AUC over the valid exposures
+            return "AUC"
+        return "NDCG@10" if self.protocol == "sampled" else "Recall@20"
 
 
 def _normalise(raw: dict[str, Any]) -> dict[str, Any]:

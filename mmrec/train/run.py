@@ -19,6 +19,7 @@ from mmrec.errors import MMRecError
 from mmrec.eval.protocols import evaluate as run_protocol
 from mmrec.io import atomic_path, write_json
 from mmrec.models.base import Recommender, create_model
+from mmrec.rundir import check_provenance, holds_run_dir, write_provenance
 from mmrec.train.checkpoint import load_weights
 from mmrec.train.config import RunConfig, run_config_to_dict
 from mmrec.train.features_on_demand import ensure_features
@@ -61,7 +62,7 @@ def model_args(cfg: RunConfig) -> dict[str, Any]:
         args[flag] = value
         if "use_features" in fields:
             args.setdefault("use_features", True)
-    if cfg.mode == "end2end":
+    if cfg.mode == "end2end" and not cfg.head:  # with a head, end2end trains backbone + head together
         if "mode" not in fields:
             raise MMRecError(f"model '{cfg.model}' has no content path to fine-tune end to end; "
                              f"--mode end2end works with content-aware models (see docs/models)")
@@ -71,10 +72,21 @@ def model_args(cfg: RunConfig) -> dict[str, Any]:
     return args
 
 
+def build_model(cfg: RunConfig, data: Dataset, device: torch.device, train_backbone: bool = True) -> Recommender:
+    """The run's model: ``--model``, or with ``--head`` a head on that backbone (mmrec/train/heads.py)."""
+    if cfg.head:
+        from mmrec.train.heads import build_head_model
+        return build_head_model(cfg, data, device, train_backbone=train_backbone)
+    return create_model(cfg.model, data, model_args(cfg)).to(device)
+
+
 def make_evaluator(cfg: RunConfig):
     """Closure used by the trainer for validation and by the runner for test."""
 
     def evaluator(model: Recommender, data: Dataset, split: str, **kw: Any) -> dict[str, float]:
+        if cfg.head:  # labelled exposures, binary metrics (mmrec/train/heads.py)
+            from mmrec.train.heads import evaluate_head
+            return evaluate_head(model, split, cfg.train.eval_batch_size)
         opts: dict[str, Any] = {"n_neg": cfg.train.n_neg, "seed": cfg.seed} if cfg.protocol == "sampled" else {}
         model.eval()
         if hasattr(model, "use_history"):  # sequence models: test input = train + valid (never the scored split)
@@ -108,6 +120,7 @@ def _modality_weights(model: Recommender) -> dict[str, Any] | None:
     return report() if callable(report) else None
 
 
+@holds_run_dir("train")  # RUN writable, RUN/.lock held: one writer per run directory
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Train, select on valid, evaluate the selected weights on test, write RUN/metrics.json."""
     run_dir = Path(cfg.out)
@@ -115,8 +128,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     data = prepare_data(cfg)
     device = resolve_device(cfg.device)
-    model = create_model(cfg.model, data, model_args(cfg)).to(device)
+    model = build_model(cfg, data, device)
     save_run_config(cfg, run_dir)
+    write_provenance(run_dir, cfg.data, "train")  # versions + data fingerprint: evaluate/recommend check it
     evaluator = make_evaluator(cfg)
     t0 = time.perf_counter()
     result = Trainer(cfg, run_dir, evaluator).fit(model, data)
@@ -140,7 +154,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     }
     if getattr(test, "parts", None):
         metrics["parts"] = test.parts  # counts of the repeat / discovery parts (multi-behavior data)
-    cold = _cold_start(cfg, model, data)
+    cold = _cold_start(cfg, model, data) if not cfg.head else None
     if cold is not None:
         metrics["cold_start"] = cold
     weights = _modality_weights(model)
@@ -158,6 +172,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     return metrics
 
 
+@holds_run_dir("evaluate", out=lambda run_dir, *a, **k: run_dir, create=False)  # it rewrites RUN/metrics.json
 def evaluate(run_dir: str | Path, data: str | None = None, protocol: str | None = None,
              split: str = "test", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Re-evaluate a finished run (same data, split and seed unless overridden)."""
@@ -169,8 +184,9 @@ def evaluate(run_dir: str | Path, data: str | None = None, protocol: str | None 
         cfg.protocol = protocol
     for k, v in (overrides or {}).items():
         setattr(cfg, k, v)
+    check_provenance(run_dir, cfg.data)  # warns when the data changed since training
     ds = prepare_data(cfg)
-    model = create_model(cfg.model, ds, model_args(cfg)).to(resolve_device(cfg.device))
+    model = build_model(cfg, ds, resolve_device(cfg.device), train_backbone=False)
     model.fit(ds)
     load_weights(model, run_dir)
     values = make_evaluator(cfg)(model, ds, split)
@@ -187,7 +203,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, protocol: str | None 
         out["parts"] = values.parts
     else:
         out.pop("parts", None)
-    cold = _cold_start(cfg, model, ds) if split == "test" else None
+    cold = _cold_start(cfg, model, ds) if split == "test" and not cfg.head else None
     if cold is not None:
         out["cold_start"] = cold
     else:
@@ -212,11 +228,11 @@ def id_digest(ids: Any) -> str:
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
-    from mmrec.config import from_dict
+    from mmrec.config import from_dict, load_yaml
     path = run_dir / "config.yaml"
     if not path.exists():
         raise MMRecError(f"{run_dir} is not a run directory (no config.yaml)")
-    return from_dict(RunConfig, yaml.safe_load(path.read_text()))
+    return from_dict(RunConfig, load_yaml(path))  # safe_load; bad YAML -> ConfigError naming the file
 
 
 def _write_item_embeddings(model: Recommender, data: Dataset, run_dir: Path) -> None:
