@@ -174,7 +174,7 @@ def test_score_all_agrees_with_score(data):
         u = int(data.train.user[0])
         hist = model.evidence.history_items(u)
         outside = np.setdiff1d(np.arange(N_ITEMS), hist)
-        base = model.scale * model.backbone.score_all(torch.tensor([u]))[0]
+        base = model.scale * model.backbone.score_all(torch.tensor([u]))[0] + model._item_prior()
         diff = model.score_all(torch.tensor([u]))[0] - base
         assert torch.allclose(diff[torch.from_numpy(outside)], torch.zeros(len(outside)))
         assert torch.allclose(diff[torch.from_numpy(hist)], model.g(model.phi[model.indptr[u]:model.indptr[u + 1]]))

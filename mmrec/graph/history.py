@@ -7,13 +7,15 @@ single user-item edge. On the *discovery* part (the item is new to the user) the
 blind and the graph model is all there is. This model owns both regimes:
 
 .. math::
-    s_{ui} = a \cdot s^{\text{backbone}}_{ui} + [\,(u,i) \in H\,]\; g_\theta(\phi_{ui})
+    s_{ui} = a \cdot s^{\text{backbone}}_{ui} + w^\top \psi_i + [\,(u,i) \in H\,]\; g_\theta(\phi_{ui})
 
 ``H`` is the set of (user, item) pairs with at least one *auxiliary* behavior in the
 training rows, :math:`\phi_{ui}` the pair's evidence (per behavior: did it, log-count,
 and how recent where the data has times; the user's history size; the item's target
 popularity and its conversion rate from auxiliary to target behavior), and
-:math:`g_\theta` a small MLP. Both parts are trained with BPR on the target behavior;
+:math:`g_\theta` a small MLP. :math:`w^\top \psi_i` is a linear item prior on every
+item (target and auxiliary popularity, conversion rate): on discovery pairs, where g is
+silent, a merged-behavior backbone ranks what users *view*, not what they buy. Both parts are trained with BPR on the target behavior;
 negatives are partly *hard* (items in the user's history that were not bought), so
 ``g`` learns to rank *within* the history, which the rule does by a fixed cascade
 order, and ``evidence_dropout`` hides the evidence of a share of the training positives,
@@ -68,6 +70,8 @@ class HistoryConfig(ContentFields, ModelConfig):
     evidence_dropout: float = 0.2    # share of training positives whose evidence is hidden
     evidence_weight: float = 1.0     # weight of the evidence BPR loss next to the backbone's loss
     stack_share: float = 0.2         # share of training target pairs held out of the backbone for the stacker
+    item_prior: bool = True          # add the linear item prior w·ψ_i on every item
+    discovery_weight: float = 1.0    # weight of the same softmax without g and history negatives (ranks new items)
     reg: float = 1e-4                # L2 on g's weights
 
 
@@ -118,9 +122,15 @@ class PairEvidence:
         item = self.keys % n_items
         n_target = np.bincount(rows.item[~is_aux], minlength=n_items).astype(np.float32)
         n_aux = np.bincount(rows.item[is_aux], minlength=n_items).astype(np.float32)
-        cols.append((np.log1p(n_target) / max(np.log1p(n_target.max()), 1e-6))[item])
-        cols.append(((n_target + 1.0) / (n_aux + 2.0))[item])
+        target_pop = np.log1p(n_target) / max(np.log1p(n_target.max()), 1e-6)
+        conversion = (n_target + 1.0) / (n_aux + 2.0)
+        cols.append(target_pop[item])
+        cols.append(conversion[item])
         self.features = torch.from_numpy(np.stack(cols, axis=1).astype(np.float32))
+        #: per item, for every item (history or not): target popularity, auxiliary popularity, conversion
+        aux_pop = np.log1p(n_aux) / max(np.log1p(n_aux.max()), 1e-6)
+        self.item_features = torch.from_numpy(np.stack([target_pop, aux_pop, conversion], axis=1).astype(np.float32))
+        self.item_names = ["item_popularity", "item_aux_popularity", "item_conversion"]
         self.names = [f"{b}/{f}" for b in self.behaviors for f in ("did", "count")]
         self.names += (["recency"] if has_time else []) + ["history_size", "item_popularity", "item_conversion"]
 
@@ -231,7 +241,11 @@ class HistoryAware(Recommender):
         self.stack_pairs = stack_pairs      # (users, items): the stacker's positives
         self.g = EvidenceMLP(evidence.dim, config.hidden)
         self.scale = nn.Parameter(torch.ones(()))
+        self.prior = nn.Linear(evidence.item_features.shape[1], 1, bias=False) if config.item_prior else None
+        if self.prior is not None:
+            nn.init.zeros_(self.prior.weight)
         self.register_buffer("phi", evidence.features, persistent=False)
+        self.register_buffer("psi", evidence.item_features, persistent=False)
         self.register_buffer("indptr", torch.from_numpy(evidence.indptr), persistent=False)
         self.register_buffer("hist_items", torch.from_numpy(evidence.keys % evidence.n_items), persistent=False)
         self._bonus: Tensor | None = None  # g over every history pair, cached for scoring
@@ -298,6 +312,13 @@ class HistoryAware(Recommender):
         pick = torch.rand(pool.shape, device=pool.device).argsort(dim=1)[:, :cfg.top_negatives]
         return pool.gather(1, pick)
 
+    def _item_prior(self, items: Tensor | None = None) -> Tensor | float:
+        """w·ψ_i for ``items`` (any shape), or for every item when ``items`` is None; 0 without the prior."""
+        if self.prior is None:
+            return 0.0
+        psi = self.psi if items is None else self.psi[items]
+        return self.prior(psi).squeeze(-1)
+
     def _pair_bonus(self, users: Tensor, items: Tensor) -> Tensor:
         """g(φ_ui) for pairs in the history, 0 elsewhere (any shape)."""
         rows = self.evidence.lookup(users.reshape(-1).cpu().numpy(), items.reshape(-1).cpu().numpy())
@@ -322,11 +343,20 @@ class HistoryAware(Recommender):
                 base = self.backbone.score(u, cand)
         bonus = self._pair_bonus(u.unsqueeze(1).expand_as(cand), cand)
         bonus = torch.cat([bonus[:, :1].masked_fill(batch["ev_drop"].unsqueeze(1), 0.0), bonus[:, 1:]], dim=1)
-        s = self.scale * base + bonus
+        s = self.scale * base + self._item_prior(cand) + bonus
         # sampled softmax over the positive and its negatives: the top of a full ranking, not one pair
-        listwise = F.cross_entropy(s, torch.zeros(len(s), dtype=torch.long, device=s.device))
+        zeros = torch.zeros(len(s), dtype=torch.long, device=s.device)
+        listwise = F.cross_entropy(s, zeros)
+        loss = loss + self.config.evidence_weight * listwise
+        if self.config.discovery_weight:
+            # the ranking among items new to the user (a·s + w·ψ alone, no history negatives): what
+            # fills a top list's remaining slots, and all a discovery buy can rely on
+            n_hist = self.config.history_negatives
+            keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1 + n_hist, cand.shape[1])])
+            s_new = (self.scale * base + self._item_prior(cand))[:, keep.to(s.device)]
+            loss = loss + self.config.discovery_weight * F.cross_entropy(s_new, zeros)
         l2 = sum(p.pow(2).sum() for n, p in self.g.named_parameters() if n.endswith("weight"))
-        return loss + self.config.evidence_weight * listwise + self.config.reg * l2
+        return loss + self.config.reg * l2
 
     @contextlib.contextmanager
     def _backbone_step_scores(self) -> Iterator[None]:
@@ -359,7 +389,7 @@ class HistoryAware(Recommender):
         self._bonus = self.g(self.phi)
 
     def score_all(self, users: Tensor) -> Tensor:
-        scores = self.scale * self.backbone.score_all(users)
+        scores = self.scale * self.backbone.score_all(users) + self._item_prior()
         bonus = self._bonus if self._bonus is not None else self.g(self.phi)
         starts, ends = self.indptr[users], self.indptr[users + 1]
         lengths = ends - starts
@@ -373,7 +403,7 @@ class HistoryAware(Recommender):
         return scores
 
     def score(self, users: Tensor, items: Tensor) -> Tensor:
-        return self.scale * self.backbone.score(users, items) + self._pair_bonus(
+        return self.scale * self.backbone.score(users, items) + self._item_prior(items) + self._pair_bonus(
             users.unsqueeze(1).expand_as(items), items)
 
     def item_embeddings(self) -> Tensor | None:
