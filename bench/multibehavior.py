@@ -24,7 +24,13 @@ waiting for cores that other jobs hold.
    20M edges, numpy) trains one epoch of CIGF (and MB-GMN) as the references define an
    epoch (``users_per_epoch`` = 10 000 users, 40 steps), and reports steps/s, the
    projected time of a pass over every user, and peak memory.
-3. **Full-ranking evaluation.** ``evaluate_full`` of CIGF on ``--data`` (users/s) next
+3. **MB-GMN fast vs previous implementation** (``--only fast``). One process, one model:
+   every training step runs the loss and backward with ``model.config.fast = False``
+   (the previous implementation) and ``True`` on the same batch and weights, in
+   alternating order, then one optimiser step; ``score_all`` of the same users is timed
+   with both, alternating, ``--repeat`` rounds. Medians, their ratio, and the largest
+   difference between the two paths' losses, gradients and scores (the same mathematics).
+4. **Full-ranking evaluation.** ``evaluate_full`` of CIGF on ``--data`` (users/s) next
    to a plain ``scores = U @ I.T`` + mask + ``topk`` loop over the same user batches,
    and next to MESI's previous ``score_all`` (softmax over a [B, I, K] tensor).
    MB-GMN: the sampled protocol (its papers') with the fast and the reference
@@ -33,6 +39,7 @@ waiting for cores that other jobs hold.
     python bench/multibehavior.py                 # everything (tens of minutes on 2 cores)
     python bench/multibehavior.py --quick         # smoke test, < 2 minutes
     python bench/multibehavior.py --only train eval --steps 5 --json out.json
+    python bench/multibehavior.py --only fast --threads 1 --steps 6 --full-users 32 --repeat 3
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from _common import available_ram, current_rss, machine, peak_rss
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
-SECTIONS = ("train", "scale", "eval")
+SECTIONS = ("train", "scale", "eval", "fast")
 
 
 # --------------------------------------------------------------------------- data
@@ -400,6 +407,68 @@ def worker_eval(a: argparse.Namespace) -> dict:
     return out
 
 
+def worker_fast(a: argparse.Namespace) -> dict:
+    """MB-GMN's fast and previous paths interleaved on the same work (see the module docstring)."""
+    import numpy as np
+    import torch
+
+    from mmrec.models.base import create_model
+
+    torch.set_num_threads(a.threads)
+    data = load_data(a.data, a.subsample, a.seed)
+    torch.manual_seed(a.seed)
+    model = create_model("mbgmn", data, _recipe("mbgmn", {}))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = model.training_batches(data, a.batch_size, np.random.default_rng(a.seed))
+    times: dict[str, dict[str, list[float]]] = {v: {"wall": [], "cpu": []} for v in ("previous", "fast")}
+    rows, loss_diff, grad_diff = [], 0.0, 0.0
+    load0 = os.getloadavg()[0]
+    model.train()
+    for step in range(a.steps + 1):  # step 0 warms both paths up and is not timed
+        batch = next(batches)
+        order = ("previous", "fast") if step % 2 else ("fast", "previous")
+        losses, grads = {}, {}
+        for variant in order:
+            model.config.fast = variant == "fast"
+            opt.zero_grad(set_to_none=True)
+            c = _clock()
+            loss = model.loss(batch)
+            loss.backward()
+            w, cp = time.perf_counter() - c[0], time.process_time() - c[1]
+            if step:
+                times[variant]["wall"].append(w)
+                times[variant]["cpu"].append(cp)
+            losses[variant] = float(loss)
+            grads[variant] = [p.grad.clone() for p in model.parameters()]
+        loss_diff = max(loss_diff, abs(losses["fast"] - losses["previous"]) / abs(losses["previous"]))
+        fast_g, prev_g = (torch.cat([g.flatten() for g in grads[v]]) for v in ("fast", "previous"))
+        grad_diff = max(grad_diff, float((fast_g - prev_g).norm() / prev_g.norm()))  # over all parameters
+        opt.step()
+        rows.append(int(len(batch["user"])))
+        if a.progress:
+            print(f"    [fast] step {step}: previous {times['previous']['cpu'][-1] if step else 0:.2f} s cpu, "
+                  f"fast {times['fast']['cpu'][-1] if step else 0:.2f} s cpu", file=sys.stderr, flush=True)
+    model.eval()
+    test_users = np.unique(data.test.user[data.test.behavior == data.target_index])
+    users = torch.from_numpy(test_users[:a.full_users])
+    scoring: dict[str, dict[str, list[float]]] = {v: {"wall": [], "cpu": []} for v in ("previous", "fast")}
+    scores = {}
+    with torch.no_grad():
+        model.prepare_eval()
+        for r in range(a.repeat):
+            for variant in (("previous", "fast") if r % 2 else ("fast", "previous")):
+                model.config.fast = variant == "fast"
+                c = _clock()
+                scores[variant] = model.score_all(users)
+                scoring[variant]["wall"].append(time.perf_counter() - c[0])
+                scoring[variant]["cpu"].append(time.process_time() - c[1])
+    score_diff = float((scores["fast"] - scores["previous"]).abs().max() / scores["previous"].abs().max())
+    return {"data": data.name, "users": data.n_users, "items": data.n_items, "threads": a.threads,
+            "steps": a.steps, "triples": rows[1:], "train": times, "score_users": len(users), "score_all": scoring,
+            "max_rel_diff": {"loss": loss_diff, "grad": grad_diff, "score": score_diff},
+            "peak_rss": peak_rss(), "load": [load0, os.getloadavg()[0]]}
+
+
 # --------------------------------------------------------------------------- parent side
 
 def _run(a: argparse.Namespace, kind: str, extra: list[str]) -> dict:
@@ -552,6 +621,38 @@ def section_eval(a: argparse.Namespace, report: dict) -> None:
     report["eval"] = results
 
 
+def section_fast(a: argparse.Namespace, report: dict) -> None:
+    import statistics
+
+    r = _run(a, "fast", ["--data", a.data, "--subsample", str(a.subsample), "--steps", str(a.steps),
+                         "--full-users", str(a.full_users), "--repeat", str(a.repeat)])
+    report["fast"] = r
+    if "error" in r:
+        print(f"  FAILED {r['error']}")
+        return
+    med = {part: {v: {c: statistics.median(r[part][v][c]) for c in ("wall", "cpu")} for v in ("previous", "fast")}
+           for part in ("train", "score_all")}
+    print(f"  {r['data']}: {r['steps']} steps of {statistics.median(r['triples']):.0f} triples (median), "
+          f"{r['threads']} thread(s); each step runs both paths on the same batch and weights, alternating", flush=True)
+    for v in ("previous", "fast"):
+        t = med["train"][v]
+        print(f"  train step (loss + backward), {v:8s} median {t['wall']:6.2f} s wall {t['cpu']:6.2f} s cpu")
+    t = {c: med["train"]["previous"][c] / med["train"]["fast"][c] for c in ("wall", "cpu")}
+    print(f"  ratio  previous / fast step: {t['wall']:.2f} wall, {t['cpu']:.2f} cpu")
+    n = r["score_users"]
+    for v in ("previous", "fast"):
+        t = med["score_all"][v]
+        print(f"  score_all {n} users x {r['items']} items, {v:8s} median {t['wall']:6.2f} s wall {t['cpu']:6.2f} s cpu"
+              f"  {n / t['wall']:7.1f} users/s wall {n / t['cpu']:7.1f} users/s cpu")
+    t = {c: med["score_all"]["previous"][c] / med["score_all"]["fast"][c] for c in ("wall", "cpu")}
+    print(f"  ratio  previous / fast score_all: {t['wall']:.2f} wall, {t['cpu']:.2f} cpu")
+    d = r["max_rel_diff"]
+    print(f"  largest relative difference fast vs previous: loss {d['loss']:.1e}, gradients {d['grad']:.1e} "
+          f"(norm over all parameters), "
+          f"scores {d['score']:.1e} | peak {r['peak_rss'] / GIB:.2f} GiB | load {r['load'][0]:.1f}->{r['load'][1]:.1f}",
+          flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="/work/shared/data/tmall", help="dataset of the train and eval sections")
@@ -600,7 +701,7 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(a.scale_fraction, list) else a.scale_fraction
     if a.worker:
         sys.path.insert(0, str(ROOT))
-        print(json.dumps({"train": worker_train, "eval": worker_eval}[a.worker](a)))
+        print(json.dumps({"train": worker_train, "eval": worker_eval, "fast": worker_fast}[a.worker](a)))
         return
 
     if a.quick:  # beibei-mini when present (1k users), else a small power-law graph; few steps
@@ -623,7 +724,7 @@ def main(argv: list[str] | None = None) -> None:
           f"load average {os.getloadavg()[0]:.2f}; MemAvailable {available_ram() / GIB:.1f} GiB")
     report: dict = {"machine": machine(), "args": {k: str(v) for k, v in vars(a).items()}}
     with tempfile.TemporaryDirectory(prefix="mmrec-mb-bench-") as tmp:
-        if "train" in a.only or "eval" in a.only:
+        if "train" in a.only or "eval" in a.only or "fast" in a.only:
             sys.path.insert(0, str(ROOT))
             info = load_data(a.data)
             a.train_users, a.train_nodes = info.n_users, info.n_users + info.n_items
@@ -636,6 +737,9 @@ def main(argv: list[str] | None = None) -> None:
         if "eval" in a.only:
             print("\n== evaluation throughput ==", flush=True)
             section_eval(a, report)
+        if "fast" in a.only:
+            print("\n== MB-GMN: fast vs previous implementation, interleaved ==", flush=True)
+            section_fast(a, report)
         if "scale" in a.only:
             print(f"\n== scale: power-law graph ==  (load average {os.getloadavg()[0]:.2f})", flush=True)
             section_scale(a, report, Path(tmp))

@@ -79,9 +79,8 @@ class Recommender:
         ``data`` overrides where the run's data is read from (it moved); it must hold the
         same users and items, which is checked against the ids recorded in ``metrics.json``.
         """
-        from mmrec.models.base import create_model
         from mmrec.train.checkpoint import BEST, load_weights
-        from mmrec.train.run import METRICS, load_run_config, model_args, prepare_data
+        from mmrec.train.run import METRICS, build_model, load_run_config, prepare_data
         from mmrec.train.trainer import resolve_device
 
         run_dir = Path(run)
@@ -97,7 +96,8 @@ class Recommender:
         check_provenance(run_dir, cfg.data)  # warns when the data changed since training (ids are checked below)
         ds = prepare_data(cfg)
         check_run_data(run_dir / METRICS, ds)
-        model = create_model(cfg.model, ds, model_args(cfg)).to(resolve_device(device or cfg.device))
+        # a head run (--head) is its backbone plus a head; it ranks items by the backbone's scores
+        model = build_model(cfg, ds, resolve_device(device or cfg.device), train_backbone=False)
         model.fit(ds)
         try:
             load_weights(model, run_dir)

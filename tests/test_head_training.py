@@ -330,3 +330,27 @@ def test_ml100k_tasks_and_age_scenarios():
     assert table.scenarios == ["<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"]
     for part, rows in (("valid", data.valid), ("test", data.test)):
         assert int(watch[table.rows(part)].sum()) == len(rows)
+
+
+def test_recommend_loads_a_head_run_and_ranks_by_its_backbone(two_step):
+    import torch
+
+    from mmrec import Recommender
+
+    run_dir, _ = two_step
+    rec = Recommender.load(run_dir)
+    users = list(rec.data.user_ids[:3])
+    out = rec.recommend(users, k=5)
+    assert sorted(set(out.frame["user"])) == sorted(users) and len(out.frame) == 15
+    # the ranking is the backbone's: its top-5 unseen items for the first user
+    model = rec.model
+    model.eval()
+    with torch.no_grad():
+        model.prepare_eval()
+        scores = model.backbone.score_all(torch.tensor([0]))[0]
+    seen = rec.data.matrix()[0].indices
+    if rec.data.valid is not None:
+        seen = np.union1d(seen, rec.data.matrix(split="valid")[0].indices)
+    scores[torch.from_numpy(seen.astype(np.int64))] = float("-inf")
+    want = [rec.data.item_ids[i] for i in torch.topk(scores, 5).indices.tolist()]
+    assert out.items(rec.data.user_ids[0]) == want
