@@ -148,7 +148,8 @@ def test_evidence_comes_from_training_rows_only(data):
 
 def test_stack_pairs_are_held_out_of_the_backbone(data):
     torch.manual_seed(3)
-    reduced, (users, items) = split_stack_pairs(data, 0.3)
+    reduced, (users, items, disc) = split_stack_pairs(data, 0.3)
+    assert not disc.any()
     assert len(users) > 0
     backbone_keys = set((reduced.matrix().tocoo().row * N_ITEMS + reduced.matrix().tocoo().col).tolist())
     assert not backbone_keys & set((users * N_ITEMS + items).tolist())
@@ -160,6 +161,23 @@ def test_stack_pairs_are_held_out_of_the_backbone(data):
     torch.manual_seed(3)
     again = split_stack_pairs(data, 0.3)[1]
     assert np.array_equal(again[0], users) and np.array_equal(again[1], items)  # seeded
+
+
+def test_simulated_discoveries_lose_every_row_of_their_pair(data):
+    torch.manual_seed(3)
+    reduced, (users, items, disc) = split_stack_pairs(data, 0.5, discovery_share=0.5)
+    assert disc.any() and not disc.all()
+    keys = users * N_ITEMS + items
+    left = reduced.train.pair_keys(N_ITEMS)
+    assert not np.isin(keys[disc], left).any()          # no view, cart or buy row of the pair is left
+    assert np.isin(keys[~disc], left).mean() > 0.9      # the others keep their views (each buy was viewed)
+    ev = PairEvidence(reduced)
+    assert (ev.lookup(users[disc], items[disc]) == -1).all()
+    model = build(data, stack_share=0.5, discovery_share=0.5)
+    batch = one_batch(model, data)
+    assert batch["ev_disc"].any()
+    model.train()
+    assert torch.isfinite(model.loss(batch))
 
 
 def test_score_all_agrees_with_score(data):

@@ -18,10 +18,11 @@ item (target and auxiliary popularity, conversion rate): on discovery pairs, whe
 silent, a merged-behavior backbone ranks what users *view*, not what they buy. Both parts are trained with BPR on the target behavior;
 negatives are partly *hard* (items in the user's history that were not bought), so
 ``g`` learns to rank *within* the history, which the rule does by a fixed cascade
-order, and ``evidence_dropout`` hides the evidence of a share of the training positives,
-so ``g`` also learns how far above never-seen items a history item belongs (without it
-every training buy of cascaded data has evidence and the bonus would grow without
-bound, crowding discovery items out of every top list).
+order, and a ``discovery_share`` of the stacker's positives are simulated discoveries
+(their views and carts are held out of the backbone and the evidence too), so ``g`` also
+learns how far above never-seen items a history item belongs (in cascaded data every
+training buy was viewed first: without them the bonus would grow without bound, crowding
+discovery items out of every top list).
 
 The backbone (any registered model; default ``lightgcn-mb``) trains with its own loss
 and batches. ``a`` and ``g`` are a *stacked* re-scorer and must learn from backbone
@@ -67,9 +68,10 @@ class HistoryConfig(ContentFields, ModelConfig):
     top_negatives: int = 8           # ... from the backbone's top ``top_pool`` items for the user
     random_negatives: int = 8        # ... uniform among items the user did not buy
     top_pool: int = 50
-    evidence_dropout: float = 0.2    # share of training positives whose evidence is hidden
+    evidence_dropout: float = 0.0    # share of stack positives whose evidence is hidden (a cruder discovery_share)
     evidence_weight: float = 1.0     # weight of the evidence BPR loss next to the backbone's loss
     stack_share: float = 0.2         # share of training target pairs held out of the backbone for the stacker
+    discovery_share: float = 0.3     # share of those whose views and carts are held out too (simulated discoveries)
     item_prior: bool = True          # add the linear item prior w·ψ_i on every item
     discovery_weight: float = 1.0    # weight of the same softmax without g and history negatives (ranks new items)
     reg: float = 1e-4                # L2 on g's weights
@@ -181,12 +183,16 @@ class EvidenceMLP(nn.Module):
         return self.net(phi).squeeze(-1)
 
 
-def split_stack_pairs(data: Dataset, share: float) -> tuple[Dataset, tuple[np.ndarray, np.ndarray] | None]:
+def split_stack_pairs(data: Dataset, share: float, discovery_share: float = 0.0
+                      ) -> tuple[Dataset, tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
     """Hold a ``share`` of the training target rows out of the backbone's data.
 
-    Seeded by torch's global generator (the run seeds it before building the model).
-    Users keep at least one target row in the backbone's data. Returns the reduced
-    dataset and the held-out (users, items); ``share = 0``: the data and ``None``.
+    A ``discovery_share`` of those pairs loses *every* training row of its (user, item),
+    auxiliary ones too: buys of items the backbone and the evidence never saw the user
+    touch, the way a discovery buy in the test set looks. Seeded by torch's global
+    generator (the run seeds it before building the model). Users keep at least one
+    target row in the backbone's data. Returns the reduced dataset and the held-out
+    (users, items, is_discovery); ``share = 0``: the data and ``None``.
     """
     if share <= 0:
         return data, None
@@ -197,11 +203,15 @@ def split_stack_pairs(data: Dataset, share: float) -> tuple[Dataset, tuple[np.nd
     # keep each user's first target row with the backbone (no user loses every buy edge)
     first = np.unique(rows.user[target], return_index=True)[1]
     held = np.setdiff1d(held, target[first])
+    disc = torch.rand(len(held), dtype=torch.float64).numpy() < discovery_share
     keep = np.ones(len(rows), dtype=bool)
     keep[held] = False
+    if disc.any():
+        keys = rows.pair_keys(data.n_items)
+        keep &= ~np.isin(keys, keys[held[disc]])
     reduced = data.replace(train=rows.select(keep))
     users, items = rows.user[held].astype(np.int64), rows.item[held].astype(np.int64)
-    return reduced, (users, items)
+    return reduced, (users, items, disc)
 
 
 def _backbone_args(config: HistoryConfig) -> dict[str, Any]:
@@ -223,13 +233,13 @@ class HistoryAware(Recommender):
 
     def __init__(self, backbone: Recommender, evidence: PairEvidence, target_keys: np.ndarray,
                  config: HistoryConfig, backbone_data: Dataset | None = None,
-                 stack_pairs: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                 stack_pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
         super().__init__()
         counts = (config.history_negatives, config.top_negatives, config.random_negatives)
         if min(counts) < 0 or sum(counts) == 0 or config.top_negatives > config.top_pool:
             raise ConfigError("model.history_negatives / top_negatives / random_negatives must be >= 0 with a "
                               f"positive sum and top_negatives <= top_pool, got {counts} and {config.top_pool}")
-        for name in ("evidence_dropout", "stack_share"):
+        for name in ("evidence_dropout", "stack_share", "discovery_share"):
             value = getattr(config, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1], got {value}")
@@ -238,7 +248,7 @@ class HistoryAware(Recommender):
         self.evidence = evidence
         self.target_keys = target_keys
         self.backbone_data = backbone_data  # the training rows the backbone sees (stack pairs removed)
-        self.stack_pairs = stack_pairs      # (users, items): the stacker's positives
+        self.stack_pairs = stack_pairs      # (users, items, is_discovery): the stacker's positives
         self.g = EvidenceMLP(evidence.dim, config.hidden)
         self.scale = nn.Parameter(torch.ones(()))
         self.prior = nn.Linear(evidence.item_features.shape[1], 1, bias=False) if config.item_prior else None
@@ -254,7 +264,7 @@ class HistoryAware(Recommender):
     def from_dataset(cls, data: Dataset, config: HistoryConfig) -> "HistoryAware":
         if config.backbone == "history":
             raise ConfigError("model.backbone cannot be 'history' itself")
-        backbone_data, stack = split_stack_pairs(data, config.stack_share)
+        backbone_data, stack = split_stack_pairs(data, config.stack_share, config.discovery_share)
         backbone = create_model(config.backbone, backbone_data, _backbone_args(config))
         return cls(backbone, PairEvidence(backbone_data), positive_keys(data.matrix()), config,
                    backbone_data, stack)
@@ -269,16 +279,18 @@ class HistoryAware(Recommender):
     def training_batches(self, data: Dataset, batch_size: int, rng: np.random.Generator) -> Iterator[dict[str, Tensor]]:
         """The backbone's batches (stack pairs removed), each with ``ev_*`` triples of the stack pairs."""
         if self.stack_pairs is not None:
-            users, items = self.stack_pairs
+            users, items, disc = self.stack_pairs
         else:
             matrix = data.matrix().tocoo()
             users, items = matrix.row.astype(np.int64), matrix.col.astype(np.int64)
+            disc = np.zeros(len(users), dtype=bool)
         for batch in self.backbone.training_batches(self._data_for_backbone(data), batch_size, rng):
             if len(users):
-                batch.update(self._evidence_triples(users, items, rng))
+                batch.update(self._evidence_triples(users, items, disc, rng))
             yield batch
 
-    def _evidence_triples(self, users: np.ndarray, items: np.ndarray, rng: np.random.Generator) -> dict[str, Tensor]:
+    def _evidence_triples(self, users: np.ndarray, items: np.ndarray, disc: np.ndarray,
+                          rng: np.random.Generator) -> dict[str, Tensor]:
         """Positives from the stack pairs with history and random negatives (top ones come in ``loss``)."""
         cfg, ev = self.config, self.evidence
         idx = rng.integers(0, len(users), size=min(cfg.evidence_batch, len(users)))
@@ -300,7 +312,7 @@ class HistoryAware(Recommender):
         drop = rng.random(len(u)) < cfg.evidence_dropout
         return {"ev_user": torch.from_numpy(u), "ev_pos": torch.from_numpy(i),
                 "ev_neg": torch.from_numpy(np.concatenate([hist, rand], axis=1)),
-                "ev_drop": torch.from_numpy(drop)}
+                "ev_drop": torch.from_numpy(drop), "ev_disc": torch.from_numpy(disc[idx])}
 
     @torch.no_grad()
     def _top_negatives(self, users: Tensor, pos: Tensor) -> Tensor:
@@ -348,13 +360,14 @@ class HistoryAware(Recommender):
         zeros = torch.zeros(len(s), dtype=torch.long, device=s.device)
         listwise = F.cross_entropy(s, zeros)
         loss = loss + self.config.evidence_weight * listwise
-        if self.config.discovery_weight:
-            # the ranking among items new to the user (a·s + w·ψ alone, no history negatives): what
-            # fills a top list's remaining slots, and all a discovery buy can rely on
+        disc = batch.get("ev_disc")
+        if self.config.discovery_weight and disc is not None and bool(disc.any()):
+            # the ranking among items new to the user (a·s + w·ψ alone, no history negatives), on the
+            # simulated discoveries: what fills a top list's remaining slots, all a discovery buy has
             n_hist = self.config.history_negatives
             keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1 + n_hist, cand.shape[1])])
-            s_new = (self.scale * base + self._item_prior(cand))[:, keep.to(s.device)]
-            loss = loss + self.config.discovery_weight * F.cross_entropy(s_new, zeros)
+            s_new = (self.scale * base + self._item_prior(cand))[disc][:, keep.to(s.device)]
+            loss = loss + self.config.discovery_weight * F.cross_entropy(s_new, zeros[disc])
         l2 = sum(p.pow(2).sum() for n, p in self.g.named_parameters() if n.endswith("weight"))
         return loss + self.config.reg * l2
 
