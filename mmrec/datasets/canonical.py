@@ -117,20 +117,25 @@ def _detect(path: Path) -> bool:
                  looks_for="interactions.tsv (plus optional test.tsv, valid.tsv, items.tsv, dataset.yaml, features/)")
 def read_canonical(path: str | Path, *, on_unseen: str = "drop", verify_media: bool = False) -> Dataset:
     """Read a canonical directory (see the module docstring for the rules)."""
+    return read_layout(path, ".tsv", on_unseen=on_unseen, verify_media=verify_media)
+
+
+def read_layout(path: str | Path, suffix: str, *, on_unseen: str = "drop", verify_media: bool = False) -> Dataset:
+    """The canonical layout with tables ending in ``suffix`` (``.tsv``; the CSV reader: ``.csv``)."""
     check_on_unseen(on_unseen)
     root = Path(path)
     if not root.is_dir():
         raise DataError("not a directory", file=root)
     meta_file = root / "dataset.yaml"
     meta = read_meta(meta_file)
-    train = read_table(root / "interactions.tsv", named(INTERACTION_COLUMNS), required=("user", "item"),
+    train = read_table(root / f"interactions{suffix}", named(INTERACTION_COLUMNS), required=("user", "item"),
                        int_ids=("user", "item"))
-    held = {s: read_table(root / f"{s}.tsv", named(INTERACTION_COLUMNS), required=("user", "item"))
-            for s in HELD_OUT if (root / f"{s}.tsv").is_file()}
-    items = read_item_rows(root / "items.tsv") if (root / "items.tsv").is_file() else None
+    held = {s: read_table(root / f"{s}{suffix}", named(INTERACTION_COLUMNS), required=("user", "item"))
+            for s in HELD_OUT if (root / f"{s}{suffix}").is_file()}
+    items = read_item_rows(root / f"items{suffix}") if (root / f"items{suffix}").is_file() else None
     exposures = None
-    if (root / "exposures.tsv").is_file():
-        exposures = read_table(root / "exposures.tsv", _exposure_spec, required=("user", "item"))
+    if (root / f"exposures{suffix}").is_file():
+        exposures = read_table(root / f"exposures{suffix}", _exposure_spec, required=("user", "item"))
     return assemble(name=meta.name or root.resolve().name, root=root, train=train, held_out=held, items=items,
                     exposures=exposures, meta=meta, meta_file=meta_file, on_unseen=on_unseen,
                     verify_media=verify_media, features_dir=root / "features")
