@@ -68,12 +68,12 @@ class HistoryConfig(ContentFields, ModelConfig):
     top_negatives: int = 8           # ... from the backbone's top ``top_pool`` items for the user
     random_negatives: int = 8        # ... uniform among items the user did not buy
     top_pool: int = 50
-    evidence_dropout: float = 0.0    # share of stack positives whose evidence is hidden (a cruder discovery_share)
+    evidence_dropout: float = 0.2    # share of stack positives whose evidence is hidden (simulated discoveries)
     evidence_weight: float = 1.0     # weight of the evidence BPR loss next to the backbone's loss
     stack_share: float = 0.2         # share of training target pairs held out of the backbone for the stacker
-    discovery_share: float = 0.3     # share of those whose views and carts are held out too (simulated discoveries)
-    item_prior: bool = True          # add the linear item prior w·ψ_i on every item
-    discovery_weight: float = 1.0    # weight of the same softmax without g and history negatives (ranks new items)
+    discovery_share: float = 0.0     # share of those whose views and carts are held out too (measured: hurts, see docs)
+    item_prior: bool = False         # add the linear item prior w·ψ_i on every item (option; see docs)
+    discovery_weight: float = 0.0    # weight of a softmax without g / history negatives (option; see docs)
     reg: float = 1e-4                # L2 on g's weights
 
 
@@ -203,7 +203,8 @@ def split_stack_pairs(data: Dataset, share: float, discovery_share: float = 0.0
     # keep each user's first target row with the backbone (no user loses every buy edge)
     first = np.unique(rows.user[target], return_index=True)[1]
     held = np.setdiff1d(held, target[first])
-    disc = torch.rand(len(held), dtype=torch.float64).numpy() < discovery_share
+    disc = (torch.rand(len(held), dtype=torch.float64).numpy() < discovery_share if discovery_share > 0
+            else np.zeros(len(held), dtype=bool))  # no draw when off: the RNG stream stays as before
     keep = np.ones(len(rows), dtype=bool)
     keep[held] = False
     if disc.any():
