@@ -33,6 +33,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         print(f"stopped after step {out['step']} (train.stop_after); continue with --resume")
         return 0
     _print_table(out)
+    _print_heldout(out)
     print(f"{out['steps']} steps, {out['train_seconds']:.1f}s; bad media: {out['bad_media']['items'] or 'none'}; "
           f"wrote {Path(cfg.out) / METRICS}")
     return 0
@@ -52,6 +53,19 @@ def _print_table(out: dict[str, Any]) -> None:
             cells.append(f"{b:.4f} -> {a:.4f}" if a is not None and b is not None else
                          (f"{a:.4f}" if a is not None else "-"))
         print(f"{n:<{width}}" + "".join(f"{c:>22}" for c in cells))
+
+
+def _print_heldout(out: dict[str, Any]) -> None:
+    """The held-out items' numbers beside their references (docs/pretraining.md, "Held-out items")."""
+    m = out["metrics"]
+    if "heldout/MRR" not in m:
+        return
+    rows = [("encoders", "heldout"), ("ridge", "heldout/ridge"), ("control", "heldout/control"),
+            ("chance", "heldout/chance")]
+    print(f"\nheld-out items ({out['heldout']['heldout']} never aligned; Recall@10 / MRR)")
+    for name, prefix in rows:
+        if f"{prefix}/MRR" in m:
+            print(f"  {name:<10}{m.get(prefix + '/Recall@10', float('nan')):>8.4f}{m[prefix + '/MRR']:>9.4f}")
 
 
 def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersAction,

@@ -11,6 +11,8 @@ YAML shape (every key optional; see configs/pretrain.yaml for the CPU defaults):
     loss: {content_weight: 1.0, cross_modal_weight: 0.5}
     loader: {batch_size: 64, num_workers: 0}
     train: {epochs: 20, lr: 0.001, warmup_steps: 20, amp: none, checkpoint_every: 50}
+    heldout: {share: 0.1, valid_share: 0.1, with_control: false}   # held-out item evaluation
+    control: none                                   # or permuted: the permuted-pair control run
 """
 
 from __future__ import annotations
@@ -115,6 +117,8 @@ class TrainSection:
     progress: bool = True               # tqdm bar on rank 0
     resume: bool = False                # continue from RUN/checkpoint.pt
     stop_after: int | None = None       # testing aid: checkpoint and stop after this many steps (a "kill")
+    patience: int = 0                   # early stopping: evaluations (every eval.every epochs) without a better
+                                        # valid/MRR before stopping; the best weights are kept (0: off)
     find_unused_parameters: bool = False  # DDP option
 
 
@@ -126,6 +130,24 @@ class EvalSection:
     block_size: int = 4096      # queries ranked per block
     ks: list[int] = field(default_factory=lambda: [1, 10, 50])
     every: int = 0              # also evaluate every N epochs (for curves.png); 0: before/after only
+
+
+@dataclass
+class HeldoutSection:
+    """Items kept out of alignment and ranked after it (docs/pretraining.md, "Held-out items")."""
+
+    share: float = 0.0          # a seeded share of the items never aligned (0 and items null: off)
+    items: Any = None           # exactly these items instead: a list of ids, a file of ids (one a line),
+                                # or "cold": the cold items (valid + test) of the `cold` split at this seed
+    valid_share: float = 0.1    # of the other items: the validation slice (early stopping, ridge alpha)
+    ridge_alphas: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0])
+    with_control: bool = False  # also run the permuted-pair control in RUN/control, report heldout/control/*
+
+    def enabled(self) -> bool:
+        return self.items is not None or self.share > 0
+
+
+CONTROLS = ("none", "permuted")
 
 
 @dataclass
@@ -148,6 +170,9 @@ class PretrainConfig:
     loader: LoaderSection = field(default_factory=LoaderSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    heldout: HeldoutSection = field(default_factory=HeldoutSection)
+    control: str = "none"               # permuted: pair each training item's content with another training
+                                        # item's behavior embedding (the control run of the held-out report)
 
     def encoder(self, modality: str) -> EncoderSection:
         return getattr(self, modality)
@@ -181,6 +206,27 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         raise ConfigError("train.epochs must be at least 1 (or set train.max_steps)")
     if not cfg.eval.ks or min(cfg.eval.ks) < 1:
         raise ConfigError(f"eval.ks must be positive integers, got {cfg.eval.ks}")
+    h = cfg.heldout
+    if not 0 <= h.share < 1:
+        raise ConfigError(f"heldout.share must be in [0, 1), got {h.share}")
+    if not 0 <= h.valid_share < 1:
+        raise ConfigError(f"heldout.valid_share must be in [0, 1), got {h.valid_share}")
+    if not h.ridge_alphas or min(h.ridge_alphas) <= 0:
+        raise ConfigError(f"heldout.ridge_alphas must be positive numbers, got {h.ridge_alphas}")
+    if h.items is not None and h.share > 0:
+        raise ConfigError("heldout.items and heldout.share both set: give one of them")
+    if h.items is not None and not isinstance(h.items, (str, list)):
+        raise ConfigError(f"heldout.items must be a list of ids, a file of ids or 'cold', not {h.items!r}")
+    if cfg.control not in CONTROLS:
+        raise ConfigError(f"control must be one of {', '.join(CONTROLS)}, not '{cfg.control}'")
+    if h.with_control and not h.enabled():
+        raise ConfigError("heldout.with_control needs held-out items (heldout.share or heldout.items)")
+    if cfg.train.patience < 0:
+        raise ConfigError(f"train.patience must be >= 0, got {cfg.train.patience}")
+    if cfg.train.patience and not cfg.eval.every:
+        raise ConfigError("train.patience (early stopping) needs eval.every >= 1 (epochs between evaluations)")
+    if cfg.train.patience and not h.valid_share:
+        raise ConfigError("train.patience (early stopping) needs a validation slice: heldout.valid_share > 0")
     return cfg
 
 
@@ -225,5 +271,5 @@ def config_to_dict(cfg: PretrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-__all__ = ["BehaviorSection", "EncoderSection", "EvalSection", "LoaderSection", "LossSection", "PretrainConfig",
+__all__ = ["CONTROLS", "BehaviorSection", "EncoderSection", "EvalSection", "HeldoutSection", "LoaderSection", "LossSection", "PretrainConfig",
            "TrainSection", "build_pretrain_config", "config_to_dict", "validate", "CONTENT_MODALITIES"]

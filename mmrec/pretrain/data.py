@@ -115,16 +115,21 @@ class MemorySource:
     streaming = False
 
     def __init__(self, data: Dataset, collate: ItemCollator, batch_size: int, *, seed: int = 0, world: int = 1,
-                 rank: int = 0, drop_last: bool = True, num_workers: int = 0) -> None:
+                 rank: int = 0, drop_last: bool = True, num_workers: int = 0,
+                 items: np.ndarray | None = None) -> None:
+        """``items``: the item indices to train on (default: all); held-out items are left out here,
+        so no batch ever holds one."""
         self.data, self.collate, self.batch_size = data, collate, batch_size
         self.seed, self.world, self.rank, self.num_workers = seed, world, rank, num_workers
-        n = data.n_items
+        self.items = np.arange(data.n_items) if items is None else np.asarray(items, dtype=np.int64)
+        n = len(self.items)
         self.n_batches = n // batch_size if drop_last and n >= batch_size else math.ceil(n / batch_size)
         if self.n_batches == 0:
             raise ConfigError(f"no training batches: {n} items")
 
     def permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.data.n_items)
+        # items[perm] equals perm itself when all items train: the order of runs without held-out items
+        return self.items[np.random.default_rng([self.seed, epoch]).permutation(len(self.items))]
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
         return self.n_batches

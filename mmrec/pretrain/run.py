@@ -5,7 +5,9 @@ What a run leaves (rank 0 writes; every file atomically):
 * ``encoders.json`` + ``encoders.safetensors``: the trained encoders (``save_encoders``),
   content modalities and ``behavior``: what ``mmrec extract`` reads;
 * ``metrics.json``: item retrieval after training (``metrics``) and before (``baseline``),
-  bad-media counts, steps, seconds;
+  bad-media counts, steps, seconds; with held-out items (``heldout.share`` / ``items``)
+  also ``heldout/*`` beside chance, a ridge map and, asked for, the permuted-pair control
+  (:mod:`mmrec.pretrain.heldout`);
 * ``checkpoint.pt`` (resume), ``log.jsonl`` (one line per step), ``config.yaml``, ``curves.png``.
 """
 
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import yaml
 
@@ -29,6 +32,9 @@ from mmrec.pretrain.artifacts import save_encoders
 from mmrec.pretrain.config import PretrainConfig, config_to_dict
 from mmrec.pretrain.data import (CooccurrenceSampler, ItemCollator, MemorySource, ShardSource,
                                  check_shards_match, eval_batches)
+from mmrec.pretrain.heldout import (PREFIX as HELDOUT, ItemSplit, chance_metrics, frozen_content_features,
+                                    permuted_targets, restrict_columns, ridge_baseline, split_items,
+                                    subset_metrics)
 from mmrec.pretrain.retrieval import embed_items, retrieval_metrics
 from mmrec.pretrain.shards import read_sizes, write_shards
 from mmrec.pretrain.trainer import (CHECKPOINT, AlignmentModel, DistInfo, PretrainTrainer, TrainResult, barrier,
@@ -126,21 +132,47 @@ def fill_caches(model: AlignmentModel, data: Dataset, cfg: PretrainConfig, info:
 
 
 def make_source(cfg: PretrainConfig, data: Dataset, collate: ItemCollator, info: DistInfo,
-                shard_dir: Path | None) -> MemorySource | ShardSource:
+                shard_dir: Path | None, items: Any = None) -> MemorySource | ShardSource:
+    """``items``: the indices to train on (None: all; streaming takes all, see ``pretrain``)."""
     ld = cfg.loader
     if shard_dir is None:
         return MemorySource(data, collate, ld.batch_size, seed=cfg.seed, world=info.world, rank=info.rank,
-                            drop_last=ld.drop_last, num_workers=ld.num_workers)
+                            drop_last=ld.drop_last, num_workers=ld.num_workers, items=items)
     return ShardSource(shard_dir, collate, ld.batch_size, seed=cfg.seed, world=info.world, rank=info.rank,
                        num_workers=ld.num_workers, shuffle_buffer=ld.shuffle_buffer)
 
 
 def evaluate_retrieval(model: AlignmentModel, data: Dataset, cfg: PretrainConfig, modalities: list[str],
-                       shard_dir: Path | None, bad: BadMedia | None = None) -> dict[str, float]:
+                       shard_dir: Path | None, bad: BadMedia | None = None, split: ItemSplit | None = None,
+                       heldout: bool = True) -> dict[str, float]:
+    """In-sample retrieval over all items; with ``split`` also ``valid/*`` (the validation slice
+    ranked among itself) and, if ``heldout``, ``heldout/*`` (the held-out items among themselves).
+    Evaluations during training pass ``heldout=False``: held-out items play no part in them."""
     collate = ItemCollator({m: model.encoders[m] for m in modalities}, modalities)
     batches = eval_batches(data, collate, cfg.eval.batch_size, shard_dir, cfg.loader.num_workers)
     embs, masks = embed_items(model, batches, data.n_items, bad)
-    return retrieval_metrics(embs, masks, modalities, cfg.eval.ks, cfg.eval.block_size)
+    ks, block = cfg.eval.ks, cfg.eval.block_size
+    out = retrieval_metrics(embs, masks, modalities, ks, block)
+    if split is not None and len(split.valid) >= 2:
+        out.update(subset_metrics(embs, masks, modalities, split.valid, ks, "valid", block))
+    if split is not None and heldout and len(split.heldout) >= 2:
+        out.update(subset_metrics(embs, masks, modalities, split.heldout, ks, HELDOUT, block))
+    return out
+
+
+def ridge_reference(model: AlignmentModel, data: Dataset, cfg: PretrainConfig, modalities: list[str],
+                    split: ItemSplit) -> dict[str, Any]:
+    """``heldout/ridge/*`` of the untrained model's frozen content features -> its behavior rows
+    (the table before any head: a trained recommender's item embeddings, or the SVD start)."""
+    collate = ItemCollator({m: model.encoders[m] for m in modalities}, modalities)
+    batches = eval_batches(data, collate, cfg.eval.batch_size, None, cfg.loader.num_workers)
+    devices = [model.encoders["behavior"].device] if model.encoders["behavior"].device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():  # training starts from the same RNG state
+        x, has = frozen_content_features(model, batches, data.n_items)
+        beh = model.encoders["behavior"]
+        y = beh.encode({"item": torch.arange(data.n_items, device=beh.device)}).float().cpu()
+    metrics, alpha = ridge_baseline(x, has, y, split, cfg.heldout.ridge_alphas, cfg.eval.ks, cfg.eval.block_size)
+    return {"metrics": metrics, "alpha": alpha, "features": int(x.shape[1])}
 
 
 @holds_run_dir("pretrain", main_only=True)  # RUN writable, RUN/.lock held by rank 0 (mmrec/rundir.py)
@@ -177,24 +209,44 @@ def pretrain(cfg: PretrainConfig, log: Log | None = None, data: Dataset | None =
     shard_dir = streaming_dir(cfg, data, run_dir, info, say)
     if shard_dir is None and cfg.loader.materialize_media:
         data = materialize_media(data, modalities)
+    split = split_items(data, cfg.heldout, cfg.seed, need_valid=cfg.train.patience > 0)
+    if split is not None and shard_dir is not None:
+        raise ConfigError("held-out items / a validation slice (heldout.*, train.patience) need in-memory "
+                          "training: streaming from shards would still feed them to the loss "
+                          "(set loader.streaming=false)")
+    if split is not None:
+        say(f"items: {len(split.fit)} aligned, {len(split.valid)} validation, {len(split.heldout)} held out "
+            f"({split.source})")
     item_ids = [str(x) for x in data.item_ids] if shard_dir is not None else None
     collate = ItemCollator({m: model.encoders[m] for m in modalities}, modalities, item_ids)
-    source = make_source(cfg, data, collate, info, shard_dir)
+    source = make_source(cfg, data, collate, info, shard_dir, items=split.fit if split is not None else None)
     fill_caches(model, data, cfg, info, shard_dir)
+    ridge = ridge_reference(model, data, cfg, modalities, split) \
+        if split is not None and cfg.heldout.enabled() and info.is_main else None
+    targets = None
+    if cfg.control == "permuted":
+        fit = split.fit if split is not None else np.arange(data.n_items)
+        targets = permuted_targets(data.n_items, fit, cfg.seed)
 
     resuming = cfg.train.resume and (run_dir / CHECKPOINT).exists()
     extra: dict[str, Any] = {}
     if not resuming and info.is_main:  # the untrained model (a resumed run keeps the first one's)
-        extra["baseline"] = evaluate_retrieval(model, data, cfg, modalities, shard_dir)
+        extra["baseline"] = evaluate_retrieval(model, data, cfg, modalities, shard_dir, split=split)
     barrier(info)
 
     def evaluate(m: AlignmentModel) -> dict[str, float]:
-        out = evaluate_retrieval(m, data, cfg, modalities, shard_dir) if info.is_main else {}
+        out = evaluate_retrieval(m, data, cfg, modalities, shard_dir, split=split, heldout=False) \
+            if info.is_main else {}
         barrier(info)
         return out
 
-    cooc = CooccurrenceSampler(data.merged_matrix("train")) if cfg.behavior_kind() == "id" else None
-    trainer = PretrainTrainer(cfg, model, source, run_dir, info, cooc=cooc, evaluate=evaluate, extra_state=extra)
+    cooc = None
+    if cfg.behavior_kind() == "id":
+        matrix = data.merged_matrix("train")
+        # positives among the aligned items only: a held-out item's row never reaches the loss
+        cooc = CooccurrenceSampler(restrict_columns(matrix, split.fit) if split is not None else matrix)
+    trainer = PretrainTrainer(cfg, model, source, run_dir, info, cooc=cooc, evaluate=evaluate, extra_state=extra,
+                              targets=targets)
     if shard_dir is not None and info.is_main:
         say(f"streaming {source.n_samples:,} items from {shard_dir}; "  # type: ignore[union-attr]
             f"{source.dropped(0)} left out per epoch to keep ranks in step")  # type: ignore[union-attr]
@@ -206,18 +258,47 @@ def pretrain(cfg: PretrainConfig, log: Log | None = None, data: Dataset | None =
     if info.is_main:
         bad = BadMedia()
         t0 = time.perf_counter()
-        final = evaluate_retrieval(model, data, cfg, modalities, shard_dir, bad)
+        final = evaluate_retrieval(model, data, cfg, modalities, shard_dir, bad, split=split)
         eval_seconds = time.perf_counter() - t0
+        heldout_info = None
+        if split is not None:
+            heldout_info = {**split.summary(), "control": cfg.control}
+            if ridge is not None:
+                final.update(ridge["metrics"])
+                n_held = len(split.heldout)
+                final.update({f"{HELDOUT}/chance/{k}": v for k, v in chance_metrics(n_held, cfg.eval.ks).items()})
+                heldout_info.update(ridge_alpha=ridge["alpha"], ridge_features=ridge["features"])
         out = _write_outputs(cfg, data_name, run_dir, model, data, modalities, dropped, trainer, result,
-                             trainer.extra_state.get("baseline", {}), final, bad, info, shard_dir, eval_seconds)
+                             trainer.extra_state.get("baseline", {}), final, bad, info, shard_dir, eval_seconds,
+                             heldout_info)
     barrier(info)
+    if cfg.heldout.with_control and cfg.control == "none":
+        out = _with_control(cfg, log, data, out)
+    return out
+
+
+def _with_control(cfg: PretrainConfig, log: Log, data: Dataset, out: dict[str, Any]) -> dict[str, Any]:
+    """Train the permuted-pair control (same config, ``control: permuted``) in RUN/control and add its
+    held-out numbers as ``heldout/control/*`` to this run's ``metrics.json``."""
+    run_dir = Path(cfg.out)
+    ccfg = dataclasses.replace(cfg, out=str(run_dir / "control"), control="permuted",
+                               heldout=dataclasses.replace(cfg.heldout, with_control=False))
+    log(f"permuted-pair control: {ccfg.out}")
+    control = pretrain(ccfg, log=log, data=data)
+    if not out:  # ranks > 0
+        return out
+    keep = {f"{HELDOUT}/control/{k[len(HELDOUT) + 1:]}": v for k, v in control.get("metrics", {}).items()
+            if k.startswith(HELDOUT + "/") and k.count("/") == 1}
+    out["metrics"].update(keep)
+    out["heldout"]["control_run"] = str(ccfg.out)
+    write_json(run_dir / METRICS, out)
     return out
 
 
 def _write_outputs(cfg: PretrainConfig, data_name: str, run_dir: Path, model: AlignmentModel, data: Dataset,
                    modalities: list[str], dropped: list[str], trainer: PretrainTrainer, result: TrainResult, baseline: dict[str, float],
                    final: dict[str, float], bad: BadMedia, info: DistInfo, shard_dir: Path | None,
-                   eval_seconds: float) -> dict[str, Any]:
+                   eval_seconds: float, heldout: dict[str, Any] | None = None) -> dict[str, Any]:
     encoders = {m: model.encoders[m] for m in modalities + ["behavior"]}
     save_encoders(run_dir, encoders, extra={"data": data_name, "embed_dim": cfg.embed_dim, "steps": result.step,
                                             "item_ids_hash": _ids_hash(data)})
@@ -237,7 +318,12 @@ def _write_outputs(cfg: PretrainConfig, data_name: str, run_dir: Path, model: Al
         "evals": result.evals,
         "grad_checkpointing": getattr(model, "grad_checkpointing", {}),
         "unused_parameters": trainer.unused,
+        "control": cfg.control,
     }
+    if heldout is not None:
+        metrics["heldout"] = heldout
+    if result.extra.get("early_stopping"):
+        metrics["early_stopping"] = result.extra["early_stopping"]
     write_json(run_dir / METRICS, metrics)
     with atomic_path(run_dir / "config.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -116,6 +116,8 @@ class AlignmentModel(nn.Module):
     ``cf_weight`` > 0 adds an item-item co-occurrence InfoNCE on the behavior side
     (``batch["cf_pos"]``, ``batch["cf_ok"]``), keeping a jointly trained ID table
     collaborative instead of letting it drift into a copy of the content.
+    ``batch["target"]`` (optional) names the behavior row each item is paired with
+    (the permuted-pair control); without it an item is paired with its own row.
     """
 
     def __init__(self, encoders: dict[str, Encoder], loss: ContrastiveAlignmentLoss,
@@ -171,7 +173,8 @@ class AlignmentModel(nn.Module):
         b = index.shape[0]
         beh = self.encoders["behavior"]
         device = beh.device
-        feats: dict[str, Tensor] = {"behavior": beh({"item": index}).float()}
+        # ``target``: the behavior row paired with each item (the permuted-pair control); default itself
+        feats: dict[str, Tensor] = {"behavior": beh({"item": batch.get("target", index)}).float()}
         masks: dict[str, Tensor] = {}
         for m in self.content:
             mask = batch["masks"][m]
@@ -360,8 +363,16 @@ class PretrainTrainer:
     def __init__(self, cfg: PretrainConfig, model: AlignmentModel, source: Any, run_dir: str | Path,
                  info: DistInfo, cooc: CooccurrenceSampler | None = None,
                  evaluate: Callable[[AlignmentModel], dict[str, float]] | None = None,
-                 extra_state: dict[str, Any] | None = None) -> None:
+                 extra_state: dict[str, Any] | None = None, targets: np.ndarray | None = None,
+                 stop_metric: str = "valid/MRR") -> None:
+        """``targets[i]``: the behavior row item ``i`` is paired with (None: its own; the permuted-pair
+        control). ``stop_metric``: the key of ``evaluate``'s result that early stopping
+        (``train.patience``) watches; it must come from items outside the loss."""
         self.cfg, self.model, self.source, self.info = cfg, model, source, info
+        self.targets = None if targets is None else torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        self.stop_metric = stop_metric
+        self.early: dict[str, Any] = {"best": None, "best_step": 0, "best_epoch": 0, "bad": 0, "stopped": False}
+        self.best_state: dict[str, Tensor] | None = None
         self.run_dir = Path(run_dir)
         self.cooc = cooc if model.cf_loss is not None else None
         self.evaluate = evaluate
@@ -432,7 +443,7 @@ class PretrainTrainer:
                 "rng": rngs, "world_size": self.info.world, "step": step, "position": {"epoch": epoch, "batch": batch},
                 "evals": result.evals, "bad_media": result.bad_media, "train_seconds": result.train_seconds,
                 "items": result.items,
-                "extra": self.extra_state}
+                "extra": self.extra_state, "early": dict(self.early), "best_state": self.best_state}
 
     def save_checkpoint(self, step: int, epoch: int, batch: int, result: TrainResult) -> None:
         state = self._state(step, epoch, batch, result)  # collective: every rank takes part
@@ -455,6 +466,8 @@ class PretrainTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.extra_state = state.get("extra", {})
+        self.early = dict(state.get("early") or self.early)
+        self.best_state = state.get("best_state")
         return state
 
     # -- logging ------------------------------------------------------------------------
@@ -491,9 +504,14 @@ class PretrainTrainer:
         return torch.autocast(device_type=self.info.device.type, dtype=self.amp_dtype)
 
     def _add_cf(self, batch: dict[str, Any], epoch: int) -> None:
+        """The batch's behavior pairing (``target``) and co-occurrence positives of those rows."""
+        rows = batch["index"]
+        if self.targets is not None:
+            rows = self.targets[rows]
+            batch["target"] = rows
         if self.cooc is None:
             return
-        pos, ok = self.cooc.sample(batch["index"].numpy(), self.cfg.seed, epoch)
+        pos, ok = self.cooc.sample(rows.numpy(), self.cfg.seed, epoch)
         batch["cf_pos"] = torch.from_numpy(pos)
         batch["cf_ok"] = torch.from_numpy(ok)
 
@@ -526,6 +544,7 @@ class PretrainTrainer:
         saved = step
         epoch = start_epoch
         pos = (start_epoch, start_batch)
+        done = done or self.early["stopped"]  # a resumed run that had stopped early
         t0 = time.perf_counter()
         while not done and epoch < self.epochs:
             nb = self.source.batches_per_epoch(epoch)
@@ -581,9 +600,11 @@ class PretrainTrainer:
                         metrics = self.evaluate(self.model)
                         self.model.set_train(True)
                         result.evals.append({"step": step, "epoch": epoch_end, "metrics": metrics})
+                        if t.patience:
+                            self._early_stopping(metrics, step, epoch_end)
                         t0 = time.perf_counter()
                 pos = (epoch + 1, 0) if epoch_done else (epoch, b)
-                done = step >= self.total_steps
+                done = step >= self.total_steps or self.early["stopped"]
                 stop = t.stop_after is not None and step >= t.stop_after and not done
                 if stop or (t.checkpoint_every and step % t.checkpoint_every == 0) or done:
                     result.train_seconds += time.perf_counter() - t0
@@ -604,8 +625,31 @@ class PretrainTrainer:
         result.step, result.epoch = step, pos[0]  # epochs completed
         if saved != step:  # the epochs ran out before total_steps (streaming epochs can be shorter)
             self.save_checkpoint(step, *pos, result)
+        if t.patience and self.best_state is not None:  # early stopping keeps the best weights
+            self.model.load_state_dict(self.best_state)
+        result.extra["early_stopping"] = dict(self.early, metric=self.stop_metric, patience=t.patience) \
+            if t.patience else None
         self.model.eval()
         return result
+
+    def _early_stopping(self, metrics: dict[str, float], step: int, epoch: int) -> None:
+        """Track ``stop_metric`` (higher is better); stop after ``patience`` evaluations without a gain."""
+        if self.stop_metric not in metrics:  # e.g. rank > 0, whose evaluate returns nothing
+            value = None
+        else:
+            value = float(metrics[self.stop_metric])
+        if self.info.distributed:  # rank 0 evaluates: every rank follows its decision
+            value = gather_objects(value, self.info)[0]
+        if value is None:
+            raise MMRecError(f"early stopping watches '{self.stop_metric}', which the evaluation did not "
+                             f"report (it needs a validation slice: heldout.valid_share > 0)")
+        e = self.early
+        if e["best"] is None or value > e["best"]:
+            e.update(best=value, best_step=step, best_epoch=epoch, bad=0)
+            self.best_state = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
+        else:
+            e["bad"] += 1
+            e["stopped"] = e["bad"] >= self.cfg.train.patience
 
 
 __all__ = ["AlignmentModel", "DistInfo", "FrozenFeatureCache", "PretrainTrainer", "TrainResult", "build_encoders",
