@@ -68,6 +68,7 @@ class Recommender:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._index: dict[str, int] | None = None
         self._seen: sp.csr_matrix | None = None
+        self._str_cache: dict[str, np.ndarray] = {}
         self._prepared = False
 
     # -- loading ------------------------------------------------------------------------
@@ -218,15 +219,29 @@ class Recommender:
         frame = pd.concat(frames, ignore_index=True) if frames else _empty_frame()
         return Recommendations(frame, unknown)
 
+    def _str_ids(self, what: str) -> np.ndarray:
+        """The data's user or item ids as an object array of ``str``, converted once.
+
+        Built once so that each batch's frame only gathers references (a per-batch
+        ``astype(str)`` was a tenth of the ranking time, bench/recommend.py).
+        """
+        if what not in self._str_cache:
+            ids = self.data.user_ids if what == "users" else self.data.item_ids
+            if not all(type(i) is str for i in ids):
+                ids = np.asarray([str(i) for i in ids], dtype=object)
+            self._str_cache[what] = ids
+        return self._str_cache[what]
+
     def _frame(self, users: np.ndarray, top: np.ndarray, values: np.ndarray) -> pd.DataFrame:
         k = top.shape[1]
-        keep = values.ravel() != -np.inf  # masked (seen) items are never recommended
-        return pd.DataFrame({
-            "user": np.repeat(self.data.user_ids[users], k)[keep].astype(str),
-            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(users))[keep],
-            "item": self.data.item_ids[top.ravel()][keep].astype(str),
-            "score": values.ravel()[keep].astype(np.float32),
-        })
+        score = values.ravel().astype(np.float32, copy=False)
+        user = np.repeat(self._str_ids("users")[users], k)
+        rank = np.tile(np.arange(1, k + 1, dtype=np.int32), len(users))
+        item = self._str_ids("items")[top.ravel()]
+        keep = score != -np.inf  # masked (seen) items are never recommended
+        if not keep.all():
+            user, rank, item, score = user[keep], rank[keep], item[keep], score[keep]
+        return pd.DataFrame({"user": user, "rank": rank, "item": item, "score": score}, copy=False)
 
 
 def _empty_frame() -> pd.DataFrame:

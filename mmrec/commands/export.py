@@ -1,4 +1,4 @@
-"""``mmrec export``: embedding tables and a faiss index of an inner-product run (docs/recommend.md)."""
+"""``mmrec export``: embedding tables + a faiss index (inner-product runs) or + an ONNX scorer (CIGF) (docs/recommend.md)."""
 
 from __future__ import annotations
 
@@ -25,22 +25,24 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ConfigError(f"export needs --{key}")
     report = export_run(raw["run"], raw["out"], data=raw.get("data"), device=raw.get("device"),
                         index=bool(raw.get("index", True)))
-    print(f"wrote {report.out}: {report.model} embeddings for {report.n_users:,} users and {report.n_items:,} "
+    print(f"wrote {report.out}: {report.model} representations of {report.n_users:,} users and {report.n_items:,} "
           f"items (dim {report.dim}); files: {', '.join(report.files)}")
     return 0
 
 
 def add_parsers(sub: Any, data_sub: Any, common: Any) -> None:
-    p = sub.add_parser("export", help="user / item embeddings (safetensors) and a faiss index of a run",
+    p = sub.add_parser("export", help="user / item embeddings (safetensors) and a faiss index or an ONNX scorer",
                        description="For models whose score is a plain inner product of user and item embeddings "
                                    "(bprmf, lightgcn, vbpr, the multimodal graph models): write the embedding "
                                    "tables (safetensors), the id of each row, a faiss IndexFlatIP over items and "
-                                   "export.json. Other models are refused: ONNX export of a scoring network is "
-                                   "not supported yet.")
+                                   "export.json. For cigf: the per-behavior representation tables and its MESI "
+                                   "scoring network as scorer.onnx (users rows, items table -> scores; needs "
+                                   "mmrec[export]). Other models are refused: ONNX export of their scoring "
+                                   "networks is not supported yet.")
     p.add_argument("--run", help="run directory written by mmrec train")
     p.add_argument("--out", help="output directory")
     p.add_argument("--data", help="the run's data, when it moved (must hold the same user and item ids)")
     p.add_argument("--device", help="auto, cpu, cuda ... (default: the run's)")
-    p.add_argument("--no-index", action="store_true", help="no faiss index (no faiss needed)")
+    p.add_argument("--no-index", action="store_true", help="no faiss index (no faiss needed; ONNX exports have none)")
     common(p)
     p.set_defaults(func=cmd_export)
