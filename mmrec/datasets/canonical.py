@@ -157,6 +157,8 @@ def read_meta(path: Path) -> DatasetMeta:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise DataError(f"invalid YAML: {e}", file=path) from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"not valid UTF-8 (byte {e.start + 1} of the file)", file=path) from None
     if not isinstance(raw, dict):
         raise DataError("top level must be a mapping", file=path)
     try:

@@ -19,6 +19,7 @@ file and stays readable by single-table readers::
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -198,16 +199,25 @@ def align_features(table: FeatureTable, file_ids: Sequence[str] | None, item_ids
         if table.features.shape[0] != n:
             raise DataError(f"{table.features.shape[0]} rows without item_ids for {n} items", file=source)
         return table
-    pos = {str(x): i for i, x in enumerate(file_ids)}
+    pos: dict[str, int] = {}
+    for i, x in enumerate(file_ids):
+        if pos.setdefault(str(x), i) != i:  # which row would win is arbitrary: refuse
+            raise DataError(f"item '{x}' has two rows ({pos[str(x)]} and {i})", file=source, field="item_ids")
     rows = np.array([pos.get(str(x), -1) for x in item_ids], dtype=np.int64)
     found = rows >= 0
+    unmatched = len(file_ids) - int(found.sum())
+    meta = dict(table.meta)
+    if unmatched:  # rows for items the dataset does not have: skipped, and said so
+        meta["unmatched_rows"] = str(unmatched)
+        warnings.warn(f"{source}: {unmatched} of {len(file_ids)} feature rows are for items not in the dataset; "
+                      f"skipped (counted in the table's meta['unmatched_rows'])", stacklevel=3)
     feats = torch.zeros(n, table.dim, dtype=table.features.dtype)
     mask = torch.zeros(n, dtype=torch.bool)
     idx = torch.from_numpy(np.nonzero(found)[0])
     src = torch.from_numpy(rows[found])
     feats[idx] = table.features[src]
     mask[idx] = table.mask[src]
-    return FeatureTable(feats, mask, dict(table.meta))
+    return FeatureTable(feats, mask, meta)
 
 
 def load_feature_file(path: str | Path, item_ids: Sequence[str]) -> dict[str, FeatureTable]:

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 from mmrec.config import apply_overrides, from_dict, load_yaml
 from mmrec.errors import ConfigError
 
+NAN_POLICIES = ("stop", "skip")
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -40,6 +41,10 @@ class TrainSection:
     patience: int = 5           # evaluations without improvement on valid before stopping
     select: str | None = None   # metric selected on valid; default Recall@20 (full) / NDCG@10 (sampled)
     grad_clip: float | None = None
+    # a batch whose loss is NaN / inf: "stop" the run (the last checkpoint and best weights stay), or
+    # "skip" its optimiser step, counting it, and stop after more than max_nonfinite_in_row in a row
+    nan_policy: str = "stop"
+    max_nonfinite_in_row: int = 10
     eval_batch_size: int = 1024
     ks: list[int] | None = None  # default: 5,10,20,50 (full) / 5,10,20 (sampled)
     n_neg: int = 99             # negatives of the sampled protocol
@@ -142,6 +147,11 @@ def run_config_from_dict(raw: dict[str, Any], path: str = "") -> RunConfig:
         raise ConfigError(f"{where}protocol must be 'full' or 'sampled', not '{cfg.protocol}'")
     if cfg.mode not in ("two-step", "end2end"):
         raise ConfigError(f"{where}mode must be 'two-step' or 'end2end', not '{cfg.mode}'")
+    if cfg.train.nan_policy not in NAN_POLICIES:
+        raise ConfigError(f"{where}train.nan_policy must be one of {', '.join(NAN_POLICIES)}, "
+                          f"not '{cfg.train.nan_policy}'")
+    if cfg.train.max_nonfinite_in_row < 0:
+        raise ConfigError(f"{where}train.max_nonfinite_in_row must be >= 0, got {cfg.train.max_nonfinite_in_row}")
     if cfg.on_unseen not in ("drop", "error"):
         raise ConfigError(f"{where}on_unseen must be 'drop' or 'error', not '{cfg.on_unseen}'")
     return cfg

@@ -20,6 +20,7 @@ import torch
 
 from mmrec.datasets.schema import Dataset
 from mmrec.errors import ConfigError, MMRecError
+from mmrec.io import atomic_path
 from mmrec.models.base import Recommender
 from mmrec.progress import log, log_lines, progress_bar
 from mmrec.train.checkpoint import load_state, load_weights, save_state, save_weights
@@ -78,6 +79,7 @@ class Trainer:
         scheduler = (torch.optim.lr_scheduler.StepLR(optimizer, step_size=tc.lr_decay_steps, gamma=tc.lr_decay)
                      if per_step else torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=tc.lr_decay))
         selection = {"best": -math.inf, "best_epoch": 0, "bad_evals": 0, "valid": {}}
+        self._selection, self._saved_epoch, self._bad_in_row = selection, 0, 0
         start_epoch = 1
         if cfg.resume:
             state = load_state(self.run_dir)
@@ -88,10 +90,12 @@ class Trainer:
                     scheduler.load_state_dict(state["scheduler"])
                 rng.bit_generator.state = state["numpy_rng"]
                 torch.set_rng_state(state["torch_rng"])
-                selection = state["selection"]
+                selection = self._selection = state["selection"]
+                self._saved_epoch = state["epoch"]
                 result.history = state["history"]
                 start_epoch = state["epoch"] + 1
                 result.train_seconds = sum(h.get("seconds", 0.0) for h in result.history)
+                self._rewrite_log(result.history)  # drop records of an epoch killed after its log line
                 print(f"resuming {self.run_dir} after epoch {state['epoch']}")
         elif (self.run_dir / "checkpoint.pt").exists():
             (self.run_dir / "checkpoint.pt").unlink()  # a fresh run must not resume a stale state
@@ -106,10 +110,12 @@ class Trainer:
                 epoch -= 1
                 break
             e0 = time.perf_counter()
-            loss = self._train_epoch(model, data, optimizer, rng, epoch, scheduler if per_step else None)
+            loss, skipped = self._train_epoch(model, data, optimizer, rng, epoch, scheduler if per_step else None)
             if not per_step:
                 scheduler.step()
             record: dict[str, Any] = {"epoch": epoch, "loss": loss}
+            if tc.nan_policy == "skip":
+                record["skipped_batches"] = skipped
             if epoch % tc.eval_every == 0 or epoch == tc.epochs:
                 valid = self.evaluator(model, data, "valid")
                 record["valid"] = valid
@@ -126,6 +132,7 @@ class Trainer:
             self._log(record)
             save_state(self.run_dir, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
                        rng=rng, selection=selection, history=result.history)
+            self._saved_epoch = epoch
             result.train_seconds += record["seconds"]
 
         result.epochs = epoch
@@ -138,11 +145,12 @@ class Trainer:
 
     def _train_epoch(self, model: Recommender, data: Dataset, optimizer: torch.optim.Optimizer,
                      rng: np.random.Generator, epoch: int,
-                     step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
+                     step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> tuple[float, int]:
+        """One epoch; returns the mean finite loss and the number of non-finite batches skipped."""
         tc = self.cfg.train
         model.train()
         device = model.device
-        total, n = 0.0, 0
+        total, n, skipped = 0.0, 0, 0
         bar = progress_bar(model.training_batches(data, tc.batch_size, rng), desc=f"epoch {epoch}",
                            leave=False, enabled=tc.progress, unit="batch")
         for batch in bar:
@@ -154,8 +162,16 @@ class Trainer:
             if aux is not None:
                 loss = loss + aux
             if not torch.isfinite(loss):
-                raise MMRecError(f"loss became {loss.item()} at epoch {epoch}; lower the learning rate "
-                                 f"(train.lr={tc.lr}) or check the input features")
+                self._bad_in_row += 1
+                if tc.nan_policy == "stop" or self._bad_in_row > tc.max_nonfinite_in_row:
+                    why = "" if tc.nan_policy == "stop" else \
+                        f" in {self._bad_in_row} batches in a row (train.max_nonfinite_in_row={tc.max_nonfinite_in_row})"
+                    raise MMRecError(f"loss became {loss.item()} at epoch {epoch}, batch {n + skipped + 1}{why}; "
+                                     f"{self._kept()}; lower the learning rate (train.lr={tc.lr}) or check the "
+                                     f"input features (train.nan_policy=skip skips such batches)")
+                skipped += 1  # skip: no backward, no optimiser (or scheduler) step for this batch
+                continue
+            self._bad_in_row = 0
             loss.backward()
             if tc.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -166,7 +182,21 @@ class Trainer:
             n += 1
             bar.set_postfix(loss=f"{total / n:.4f}")
         model.eval()
-        return total / max(n, 1)
+        return total / max(n, 1), skipped
+
+    def _kept(self) -> str:
+        """What a stopped run leaves behind, so the user knows what to resume or evaluate."""
+        best = self._selection.get("best_epoch", 0)
+        parts = [f"{self.run_dir / 'checkpoint.pt'} holds the state after epoch {self._saved_epoch} "
+                 f"(--resume continues from it)" if self._saved_epoch else "no epoch finished, so no checkpoint"]
+        parts.append(f"{self.run_dir / 'best.safetensors'} holds the best weights (epoch {best})" if best
+                     else "no best weights yet")
+        return "; ".join(parts)
+
+    def _rewrite_log(self, history: list[dict[str, Any]]) -> None:
+        """log.jsonl = the checkpoint's history, so a resumed run's log has each epoch once."""
+        with atomic_path(self.run_dir / "log.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
 
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.run_dir / "log.jsonl", "a") as f:

@@ -78,3 +78,27 @@ def check_on_unseen(on_unseen: str) -> None:
     from mmrec.errors import ConfigError
     if on_unseen not in ON_UNSEEN:
         raise ConfigError(f"on_unseen must be one of {', '.join(ON_UNSEEN)}, not '{on_unseen}'")
+
+
+#: Index spaces (users or items numbered 0..n-1 by the file) larger than this, and far larger
+#: than the rows that use them, are refused: building 10^12 ids would exhaust memory (a hang).
+MAX_SPARSE_INDEX = 1_000_000
+
+
+def check_index_space(n: int, n_used: int, file: object, what: str, line: int | None = None,
+                      field: str | None = None) -> None:
+    """A DataError when a format that numbers ids by index claims ``n`` ids for ``n_used`` rows.
+
+    MMRec and MB-GMN files size the id space by the largest index (or the matrix shape),
+    so one corrupt number would allocate that many ids. Up to ``MAX_SPARSE_INDEX`` ids, or
+    100 per row, are always accepted (cold items are legitimate).
+    """
+    from mmrec.errors import DataError
+    if n > index_space_limit(n_used):
+        raise DataError(f"{n} {what} for only {n_used} rows: ids are 0-based indices, so the largest one "
+                        f"sizes the index; this looks like a corrupt or mistyped id", file=file, line=line, field=field)
+
+
+def index_space_limit(n_used: int) -> int:
+    """The most ids :func:`check_index_space` accepts for ``n_used`` rows."""
+    return max(MAX_SPARSE_INDEX, 100 * max(n_used, 1))

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from mmrec.datasets.readers import CASCADE_RANK, cascade_order, check_on_unseen, register_reader
+from mmrec.datasets.readers import (CASCADE_RANK, cascade_order, check_index_space, check_on_unseen,
+                                   register_reader)
 from mmrec.datasets.schema import Dataset, Interactions
 from mmrec.errors import DataError
 
@@ -39,8 +40,31 @@ _BUILTINS = {"list", "tuple", "dict", "set", "frozenset", "int", "float", "compl
 _NUMPY = {"_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer", "frombuffer"}
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Builds only numpy arrays, scipy sparse matrices and builtin containers."""
+class _SafeUnpickler(pickle._Unpickler):  # the Python unpickler: its BUILD step can be checked
+    """Builds only numpy arrays, scipy sparse matrices and builtin containers.
+
+    A numpy dtype's pickled state (flags, item size) is applied unchecked by numpy; a
+    flipped byte there gives a float64 that claims to hold object references and
+    corrupts numpy (found by tests/faults/test_fuzz_readers.py). So a dtype's state must
+    be exactly the one numpy writes for that type, and object dtypes are refused.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def load_build(self) -> None:
+        inst, state = self.stack[-2], self.stack[-1]
+        if isinstance(inst, np.dtype):
+            ref = None
+            if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "="):
+                try:
+                    ref = (inst.newbyteorder(state[1]) if state[1] in "<>" else inst).__reduce__()[2]
+                except (TypeError, ValueError):
+                    ref = None
+            if inst.hasobject or ref is None or state != ref:
+                raise pickle.UnpicklingError(f"refusing a numpy dtype with a non-standard state {state!r}")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str) -> Any:
         ok = (module == "builtins" and name in _BUILTINS) \
@@ -136,15 +160,71 @@ def read_mbgmn(path: str | Path, *, on_unseen: str = "drop", behaviors: list[str
 def _matrix(path: Path) -> sp.csr_matrix:
     obj = load_pickle(path)
     if isinstance(obj, np.ndarray) and obj.ndim == 2 and obj.dtype != object:
+        if not np.issubdtype(obj.dtype, np.number) and obj.dtype != bool:
+            raise DataError(f"expected a numeric matrix, got dtype {obj.dtype}", file=path)
         obj = sp.csr_matrix(obj)
-    if not sp.issparse(obj) or obj.ndim != 2:
+    if not sp.issparse(obj):
         raise DataError(f"expected a 2-D scipy.sparse user x item matrix, got {type(obj).__name__}", file=path)
+    _check_sparse(obj, path)  # before any scipy method: a corrupt pickle may lack attributes they use
     m = sp.csr_matrix(obj)
     m.eliminate_zeros()  # explicit zeros are not interactions (peers test != 0)
     m.sum_duplicates()
     if m.nnz and not np.all(np.isfinite(m.data)):
         raise DataError("matrix holds NaN or infinite values", file=path)
     return m
+
+
+def _check_sparse(obj: Any, path: Path) -> None:
+    """Check an unpickled sparse matrix's arrays before scipy's C++ routines touch them.
+
+    Unpickling sets ``indptr`` / ``indices`` / ``coords`` as stored, unchecked; a corrupt
+    file with an index past the shape makes ``tocoo`` / ``sum_duplicates`` write out of
+    bounds (a segfault found by tests/faults/test_fuzz_readers.py). Only csr, csc and coo
+    are accepted: the formats MB-GMN and SSLRec write.
+    """
+    fmt = getattr(obj, "format", None)
+    try:
+        shape = tuple(int(s) for s in obj._shape)
+        data = np.asarray(obj.data)
+        if fmt in ("csr", "csc"):
+            arrays = {"indptr": np.asarray(obj.indptr), "indices": np.asarray(obj.indices)}
+        elif fmt == "coo":
+            coords = obj.coords if "coords" in vars(obj) else (obj.row, obj.col)
+            arrays = {"row": np.asarray(coords[0]), "col": np.asarray(coords[1])}
+        else:
+            raise DataError(f"sparse format '{fmt}' is not supported; save the matrix as csr or coo", file=path)
+    except DataError:
+        raise
+    except Exception as e:  # attributes missing or of the wrong kind in a corrupt pickle
+        raise DataError(f"not a well-formed sparse matrix ({type(e).__name__}: {e})", file=path) from None
+    if len(shape) != 2 or min(shape) < 0:
+        raise DataError(f"bad matrix shape {shape}", file=path, field="shape")
+    if data.ndim != 1 or not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
+        raise DataError(f"matrix values must be a 1-D numeric array, got {data.dtype} {data.shape}", file=path)
+    for name, a in arrays.items():
+        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+            raise DataError(f"'{name}' must be a 1-D integer array, got {a.dtype} {a.shape}", file=path, field=name)
+    if fmt in ("csr", "csc"):
+        major, minor = shape if fmt == "csr" else shape[::-1]
+        indptr, indices = arrays["indptr"], arrays["indices"]
+        if len(indptr) != major + 1 or indptr[0] != 0 or np.any(np.diff(indptr) < 0) \
+                or indptr[-1] != len(indices) or len(indices) != len(data):
+            raise DataError(f"inconsistent {fmt} arrays for shape {shape} (indptr / indices / data lengths)",
+                            file=path, field="indptr")
+        bounds = {"indices": minor}
+    else:
+        if not len(arrays["row"]) == len(arrays["col"]) == len(data):
+            raise DataError("coo row / col / data lengths differ", file=path, field="row")
+        bounds = {"row": shape[0], "col": shape[1]}
+    for name, limit in bounds.items():
+        a = arrays[name]
+        if len(a) and (a.min() < 0 or a.max() >= limit):
+            raise DataError(f"'{name}' holds index {a.min() if a.min() < 0 else a.max()} outside 0..{limit - 1} "
+                            f"(shape {shape})", file=path, field=name)
+    # csr / csc store one indptr entry per row / column, so only the other axis costs nothing to claim
+    free = {"csr": (1,), "csc": (0,)}.get(fmt, (0, 1))
+    for axis in free:
+        check_index_space(shape[axis], len(data), path, f"{('users', 'items')[axis]} (matrix shape {shape})")
 
 
 def _interactions(m: sp.csr_matrix, behavior: int) -> Interactions:
@@ -175,7 +255,7 @@ def _test_rows(root: Path, naming: str, n_users: int, n_items: int, target: int)
                 continue
             try:
                 i = int(v)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise DataError(f"entry of user {u} is {v!r}, not an item index or None", file=path,
                                 field=f"user {u}") from None
             if not 0 <= i < n_items:

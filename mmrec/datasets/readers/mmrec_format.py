@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmrec.datasets.readers import check_on_unseen, register_reader
+from mmrec.datasets.readers import check_index_space, check_on_unseen, index_space_limit, register_reader
 from mmrec.datasets.readers.table import FLOAT, INT, TIME, Table, as_numpy, read_header, read_table
 from mmrec.datasets.schema import DEFAULT_BEHAVIOR, Dataset, FeatureTable, Interactions, ItemContent
 from mmrec.errors import DataError
@@ -84,6 +84,12 @@ def read_mmrec(path: str | Path, *, on_unseen: str = "drop", name: str | None = 
     if bad.any():
         raise table.error(int(np.argmax(bad)), "x_label",
                           f"x_label must be 0 (train), 1 (valid) or 2 (test), not {split[bad][0]}")
+    for col, values in (("user", user), ("item", item)):
+        top = int(np.argmax(values))
+        if int(values[top]) + 1 <= index_space_limit(table.n_rows):
+            continue  # (the line scan below runs only for a bad file)
+        check_index_space(int(values[top]) + 1, table.n_rows, inter, f"{col}s (largest {table.fields[col]} + 1)",
+                          line=table.line_of(top), field=table.fields[col])
     features = _features(root)
     n_items = max(int(item.max()) + 1, *(int(t.features.shape[0]) for t in features.values()), 0)
     for modality, t in features.items():

@@ -10,11 +10,12 @@ good messages.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -287,7 +288,7 @@ def iter_rows(path: Path, header: bool = False) -> Iterator[tuple[int, list[str]
     lines = _decoded_lines(path)
     reader = csv.reader(lines, delimiter=delimiter_of(path))
     first = True
-    for row in reader:
+    for row in _csv_rows(reader, path):
         if first:
             first = False
             if header:
@@ -300,6 +301,18 @@ def iter_rows(path: Path, header: bool = False) -> Iterator[tuple[int, list[str]
             yield reader.line_num, row
 
 
+def _csv_rows(reader: Any, path: Path) -> Iterator[list[str]]:
+    """Rows of ``reader``; what the csv module cannot split (a bare CR in a field) is a DataError."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"cannot split the line into fields: {e}", file=path, line=reader.line_num) from None
+        yield row
+
+
 def _decoded_lines(path: Path) -> Iterator[str]:
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
@@ -310,7 +323,7 @@ def _decoded_lines(path: Path) -> Iterator[str]:
 
 
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-_INT = re.compile(r"[+-]?\d+")
+_INT = re.compile(r"-?\d+")  # the int64 parser takes no "+"
 
 
 def _locate(path: Path, header: list[str], wanted: dict[str, tuple[str, str]], reason: str) -> DataError:
@@ -330,8 +343,12 @@ def _locate(path: Path, header: list[str], wanted: dict[str, tuple[str, str]], r
                 return DataError("empty value", file=path, line=line, field=h)
             if kind in (FLOAT, TIME) and not _NUMBER.fullmatch(v):
                 return DataError(f"'{v}' is not a number", file=path, line=line, field=h)
+            if kind in (FLOAT, TIME) and not math.isfinite(float(v)):
+                return DataError(f"'{v}' is too large for a 64-bit float", file=path, line=line, field=h)
             if kind == INT and not _INT.fullmatch(v):
                 return DataError(f"'{v}' is not an integer", file=path, line=line, field=h)
+            if kind in (INT, TIME) and _INT.fullmatch(v) and not -2 ** 63 <= int(v) < 2 ** 63:
+                return DataError(f"'{v}' is outside the 64-bit integer range", file=path, line=line, field=h)
     return DataError(f"cannot parse: {reason}", file=path)
 
 
