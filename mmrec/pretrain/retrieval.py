@@ -12,6 +12,7 @@ never a dense ``n x n`` matrix.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterable
 
 import torch
@@ -19,13 +20,60 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from mmrec.encoders.robust import BadMedia
+from mmrec.errors import ConfigError
 
 CONTENT = "content"
+# bytes per cell of a ranking block: the float32 similarity plus the bool ``sims >= own``
+BLOCK_BYTES_PER_CELL = 4 + 1
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes a new allocation can get now: free CUDA memory, or ``MemAvailable`` of /proc/meminfo."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # no /proc: physical RAM
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def check_block_fits(n_queries: int, n_keys: int, block_size: int, device: torch.device) -> None:
+    """Refuse a ranking block larger than the memory available, before allocating it.
+
+    ``eval.block_size`` >= the number of items makes the block the dense items x items
+    similarity matrix (1M items: 5 TB): fail with the estimate and the setting that avoids it
+    rather than be killed by the OOM killer mid-run.
+    """
+    if block_size < 1:
+        raise ConfigError(f"eval.block_size must be >= 1, got {block_size}")
+    rows = min(block_size, n_queries)
+    need = rows * n_keys * BLOCK_BYTES_PER_CELL
+    have = available_memory(device)
+    if need > have:
+        fits = have // 2 // max(1, n_keys * BLOCK_BYTES_PER_CELL)  # half: room for the rest of the run
+        dense = " (the dense items x items matrix)" if rows >= n_keys else ""
+        fix = (f"set eval.block_size to {fits} or less" if fits >= 1 else
+               "not even one row fits: free memory or evaluate on a smaller item set")
+        raise ConfigError(f"eval.block_size={block_size}: ranking {n_queries} items against {n_keys} needs a "
+                          f"[{rows}, {n_keys}] similarity block{dense} of about {_size(need)}, but only "
+                          f"{_size(have)} of {device.type} memory is available; {fix}")
 
 
 @torch.no_grad()
 def ranks_of_self(queries: Tensor, keys: Tensor, query_rows: Tensor, block_size: int = 4096) -> Tensor:
     """1-based rank of ``keys[query_rows[i]]`` among all keys for query ``i`` (cosine; ties pessimistic)."""
+    check_block_fits(queries.shape[0], keys.shape[0], block_size, keys.device)
     q = F.normalize(queries.float(), dim=-1)
     k = F.normalize(keys.float(), dim=-1)
     out = []
@@ -109,4 +157,4 @@ def retrieval_metrics(embs: dict[str, Tensor], masks: dict[str, Tensor], modalit
     return out
 
 
-__all__ = ["CONTENT", "embed_items", "fuse", "rank_metrics", "ranks_of_self", "retrieval_metrics"]
+__all__ = ["CONTENT", "available_memory", "check_block_fits", "embed_items", "fuse", "rank_metrics", "ranks_of_self", "retrieval_metrics"]
