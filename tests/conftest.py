@@ -70,3 +70,54 @@ def write_planted_dataset(root: Path, n_users: int = 80, n_items: int = 48, clus
 @pytest.fixture
 def planted_dir(tmp_path: Path) -> Path:
     return write_planted_dataset(tmp_path / "planted")
+
+
+def capture_top_lists(monkeypatch, evaluate) -> "torch.Tensor":
+    """Run ``evaluate()`` with the evaluator's RankingMetrics spied on; return the top-K rows it ranked.
+
+    The first RankingMetrics the protocol builds accumulates every evaluated user (later ones
+    hold the repeat / discovery parts), so its rows are the whole test set's lists, in user order.
+    """
+    import torch
+    from mmrec.eval import protocols
+
+    spies: list = []
+    base = protocols.RankingMetrics
+
+    class Spy(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.tops: list = []
+            spies.append(self)
+
+        def update(self, top, labels):
+            self.tops.append(top.clone())
+            return super().update(top, labels)
+
+    monkeypatch.setattr(protocols, "RankingMetrics", Spy)
+    try:
+        evaluate()
+    finally:
+        monkeypatch.setattr(protocols, "RankingMetrics", base)
+    return torch.cat(spies[0].tops)
+
+
+MODALITIES = ["audio", "image", "text"]
+
+
+def modality_parts(n: int = 12, seed: int = 0, grad: bool = False, dim: int = 8) -> dict:
+    """Random projected modality rows [n, dim] per modality (fusion / filtration tests)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return {m: torch.randn(n, dim, generator=g).requires_grad_(grad) for m in MODALITIES}
+
+
+def modality_masks(n: int = 12) -> dict:
+    """Item 0 has nothing, item 1 only text, item 2 lacks image; the rest have everything."""
+    import torch
+    masks = {m: torch.ones(n, dtype=torch.bool) for m in MODALITIES}
+    for m in MODALITIES:
+        masks[m][0] = False
+    masks["audio"][1] = masks["image"][1] = False
+    masks["image"][2] = False
+    return masks

@@ -21,23 +21,18 @@ from mmrec.fusion.content import FrozenFeatures, ItemContentEncoder, import_all_
 from mmrec.fusion.filtration import BehaviorGate
 from mmrec.registry import FILTRATIONS, FUSIONS
 
-MODS = ["audio", "image", "text"]
+from tests.conftest import MODALITIES, modality_masks, modality_parts  # noqa: E402
+
+MODS = MODALITIES
 DIM = 8
 
 
 def _parts(n: int = 12, seed: int = 0, grad: bool = False) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {m: torch.randn(n, DIM, generator=g).requires_grad_(grad) for m in MODS}
+    return modality_parts(n, seed, grad, DIM)
 
 
 def _masks(n: int = 12) -> dict[str, torch.Tensor]:
-    """Item 0 has nothing, item 1 only text, item 2 lacks image; the rest have everything."""
-    masks = {m: torch.ones(n, dtype=torch.bool) for m in MODS}
-    for m in MODS:
-        masks[m][0] = False
-    masks["audio"][1] = masks["image"][1] = False
-    masks["image"][2] = False
-    return masks
+    return modality_masks(n)
 
 
 def _fusion(name: str, seed: int = 0):

@@ -19,6 +19,7 @@ from mmrec.recommend import (Recommender, read_recommendations, read_user_file, 
                              write_recommendations)
 from mmrec.train.config import RunConfig, TrainSection
 from mmrec.train.run import train
+from tests.conftest import capture_top_lists
 
 
 @pytest.fixture(scope="module")
@@ -56,22 +57,9 @@ def test_top_level_name_is_the_serving_api():
 
 def test_topk_equals_the_full_ranking_evaluator(rec: Recommender, monkeypatch):
     """For every evaluated user, recommend's item list is the evaluator's top-K row."""
-    spies: list["Spy"] = []
-
-    class Spy(protocols.RankingMetrics):  # the first one built accumulates every evaluated user
-        def __init__(self, *args, **kw):
-            super().__init__(*args, **kw)
-            self.tops: list[torch.Tensor] = []
-            spies.append(self)
-
-        def update(self, top, labels):
-            self.tops.append(top.clone())
-            return super().update(top, labels)
-
-    monkeypatch.setattr(protocols, "RankingMetrics", Spy)
     data = rec.data
-    protocols.evaluate_full(rec.model, data, split="test", ks=[20], batch_size=rec.batch_size)
-    top = torch.cat(spies[0].tops)
+    top = capture_top_lists(monkeypatch, lambda: protocols.evaluate_full(
+        rec.model, data, split="test", ks=[20], batch_size=rec.batch_size))
     users = np.unique(protocols._target_keys(data, "test") // data.n_items)
     assert len(users) == len(top) > 100
 

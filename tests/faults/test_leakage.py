@@ -34,6 +34,7 @@ from mmrec.registry import MODELS
 from mmrec.train.config import RunConfig, TrainSection
 from mmrec.train.run import make_evaluator, model_args, prepare_data
 from mmrec.train.trainer import Trainer
+from tests.conftest import capture_top_lists
 
 import_all_models()
 NAMES = MODELS.names()
@@ -125,23 +126,8 @@ def _record(model, name: str, monkeypatch, inject=None) -> list[tuple[int, int, 
 
 def _ranked_known(model, data, evaluator, monkeypatch, **kw) -> list[tuple[int, int]]:
     """(user, item) pairs of the test split's top-K lists that are train / valid target positives."""
-    spies: list["Spy"] = []
-
-    class Spy(protocols.RankingMetrics):  # the first one built sees every evaluated user (others: parts)
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.tops: list[torch.Tensor] = []
-            spies.append(self)
-
-        def update(self, top, labels):
-            self.tops.append(top.clone())
-            return super().update(top, labels)
-
-    monkeypatch.setattr(protocols, "RankingMetrics", Spy)
-    evaluator(model, data, "test", **kw)
-    monkeypatch.setattr(protocols, "RankingMetrics", Spy.__mro__[1])
+    top = capture_top_lists(monkeypatch, lambda: evaluator(model, data, "test", **kw)).cpu().numpy()
     users = np.unique(protocols._target_keys(data, "test") // data.n_items)
-    top = torch.cat(spies[0].tops).cpu().numpy()
     assert len(top) == len(users) > 0
     known = (_pairs(data, "train") | _pairs(data, "valid")) - _pairs(data, "test")
     assert any(u in set(users.tolist()) for u, _ in known)  # there is something for the mask to remove
