@@ -23,9 +23,8 @@ import numpy as np
 import torch
 
 from mmrec.eval.protocols import evaluate_full, history_parts
-from mmrec.models.base import create_model
 from mmrec.train.checkpoint import load_weights
-from mmrec.train.run import load_run_config, model_args, prepare_data
+from mmrec.train.run import build_model, load_run_config, prepare_data
 
 
 class HistoryMasked:
@@ -55,7 +54,7 @@ class HistoryMasked:
 def discovery_metrics(run: Path, ks: tuple[int, ...] = (10, 20)) -> tuple[str, int, dict[str, float], int]:
     cfg = load_run_config(run)
     data = prepare_data(cfg)
-    model = create_model(cfg.model, data, model_args(cfg))
+    model = build_model(cfg, data, torch.device("cpu"), train_backbone=False)  # seeded as in training
     model.fit(data)
     load_weights(model, run)
     model.eval()

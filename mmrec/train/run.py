@@ -73,7 +73,13 @@ def model_args(cfg: RunConfig) -> dict[str, Any]:
 
 
 def build_model(cfg: RunConfig, data: Dataset, device: torch.device, train_backbone: bool = True) -> Recommender:
-    """The run's model: ``--model``, or with ``--head`` a head on that backbone (mmrec/train/heads.py)."""
+    """The run's model: ``--model``, or with ``--head`` a head on that backbone (mmrec/train/heads.py).
+
+    Seeds torch with the run's seed first, so a model whose *structure* draws from the
+    generator (``history``'s held-out stack pairs) is rebuilt identically by ``evaluate``,
+    ``recommend`` and every other reader of the run, not only by ``train``.
+    """
+    torch.manual_seed(cfg.seed)
     if cfg.head:
         from mmrec.train.heads import build_head_model
         return build_head_model(cfg, data, device, train_backbone=train_backbone)
