@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -281,6 +281,26 @@ def _pair_tensor(user: Tensor, weight: Tensor, user_block: Tensor, bias: Tensor 
     return h
 
 
+def _bucket_products(m: Tensor, item: Tensor, user: Tensor, weight: Tensor, bias: Tensor | None,
+                     buckets: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
+    """Forward of both generated layers: x_pᵀW(m_p) (+ b(m_p) when ``bias`` is given) bucket by bucket.
+
+    Padded rows of a bucket point at the extra last row of ``m`` / ``item`` (index P), whose
+    output is dropped.
+    """
+    d = item.size(1)
+    mp, ip = _ones_column(m), _ones_column(item)
+    c1, d1, j = weight.size(0), d + 1, weight.size(2)
+    user_block = weight[:, d:2 * d].permute(1, 0, 2).reshape(d, c1 * j)
+    out = m.new_empty(m.size(0) + 1, j)
+    for gids, idx in buckets:
+        g, n = idx.shape
+        h = _pair_tensor(user[gids], weight, user_block, bias).view(g, c1, d1 * j)
+        y = torch.bmm(mp[idx], h).view(g * n, d1, j)
+        out[idx.view(-1)] = torch.bmm(ip[idx].view(g * n, 1, d1), y).view(g * n, j)
+    return out[:-1]
+
+
 class _GeneratedLayer(torch.autograd.Function):
     r"""out[p] = x_p W(m_p) for the meta prediction network's generated first layer, exactly.
 
@@ -299,17 +319,7 @@ class _GeneratedLayer(torch.autograd.Function):
                 buckets: list[tuple[Tensor, Tensor]]) -> Tensor:
         ctx.save_for_backward(m, item, user, weight)
         ctx.buckets = buckets
-        d = item.size(1)
-        mp, ip = _ones_column(m), _ones_column(item)
-        c1, d1, j = weight.size(0), d + 1, weight.size(2)
-        user_block = weight[:, d:2 * d].permute(1, 0, 2).reshape(d, c1 * j)
-        out = m.new_empty(m.size(0) + 1, j)
-        for gids, idx in buckets:
-            g, n = idx.shape
-            h = _pair_tensor(user[gids], weight, user_block).view(g, c1, d1 * j)
-            y = torch.bmm(mp[idx], h).view(g * n, d1, j)
-            out[idx.view(-1)] = torch.bmm(ip[idx].view(g * n, 1, d1), y).view(g * n, j)
-        return out[:-1]
+        return _bucket_products(m, item, user, weight, None, buckets)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -372,17 +382,7 @@ class _FastGeneratedLayer(torch.autograd.Function):
                 group: Tensor, max_rows: int, max_groups: int) -> Tensor:
         ctx.save_for_backward(m, item, user, weight, bias, group)
         ctx.sizes = (max_rows, max_groups)
-        d = item.size(1)
-        mp, ip = _ones_column(m), _ones_column(item)
-        c1, d1, j = weight.size(0), d + 1, weight.size(2)
-        user_block = weight[:, d:2 * d].permute(1, 0, 2).reshape(d, c1 * j)
-        out = m.new_empty(m.size(0) + 1, j)
-        for gids, idx in group_buckets(group, user.size(0), max_rows, max_groups):
-            g, n = idx.shape
-            h = _pair_tensor(user[gids], weight, user_block, bias).view(g, c1, d1 * j)
-            y = torch.bmm(mp[idx], h).view(g * n, d1, j)
-            out[idx.view(-1)] = torch.bmm(ip[idx].view(g * n, 1, d1), y).view(g * n, j)
-        return out[:-1]
+        return _bucket_products(m, item, user, weight, bias, group_buckets(group, user.size(0), max_rows, max_groups))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
