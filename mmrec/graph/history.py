@@ -158,8 +158,10 @@ class PairEvidence:
     def lookup(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Row of each (user, item) pair in :attr:`features`, or -1 where the pair has no evidence."""
         q = users.astype(np.int64) * self.n_items + items.astype(np.int64)
-        found = is_positive(self.keys, users, items, self.n_items)
-        return np.where(found, np.searchsorted(self.keys, q), -1)
+        if len(self.keys) == 0:
+            return np.full(len(q), -1, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.keys, q), len(self.keys) - 1)  # one search, not two
+        return np.where(self.keys[pos] == q, pos, -1)
 
     def history_items(self, user: int) -> np.ndarray:
         return self.keys[self.indptr[user]:self.indptr[user + 1]] % self.n_items
