@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Any
 
 
+@dataclass
+class ExportOptions:
+    """What ``mmrec export`` takes (``--config`` YAML keys and ``--set`` overrides)."""
+
+    run: str | None = None
+    out: str | None = None
+    data: str | None = None
+    device: str | None = None
+    index: bool = True
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from mmrec.config import apply_overrides, load_yaml
+    from mmrec.config import apply_overrides, from_dict, load_yaml
     from mmrec.errors import ConfigError
     from mmrec.export import export_run
 
@@ -16,15 +28,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     raw.update({k: v for k, v in flags.items() if v is not None})
     if args.no_index:
         raw["index"] = False
-    raw = apply_overrides(raw, args.overrides)
-    unknown = sorted(set(raw) - {"run", "out", "data", "device", "index"})
-    if unknown:
-        raise ConfigError(f"unknown export option(s) {', '.join(unknown)}; known: data, device, index, out, run")
+    # unknown keys: the shared dataclass check (names the key, suggests the closest)
+    opts = from_dict(ExportOptions, apply_overrides(raw, args.overrides), path="export")
     for key in ("run", "out"):
-        if not raw.get(key):
+        if not getattr(opts, key):
             raise ConfigError(f"export needs --{key}")
-    report = export_run(raw["run"], raw["out"], data=raw.get("data"), device=raw.get("device"),
-                        index=bool(raw.get("index", True)))
+    report = export_run(opts.run, opts.out, data=opts.data, device=opts.device, index=opts.index)
     print(f"wrote {report.out}: {report.model} representations of {report.n_users:,} users and {report.n_items:,} "
           f"items (dim {report.dim}); files: {', '.join(report.files)}")
     return 0
