@@ -527,11 +527,22 @@ def run_pipeline(cfg: PipelineConfig | dict[str, Any] | str | Path, *, overrides
     cache = _load_hash_cache(out)
     known = dict(cache)
     data = data_fingerprint(str(cfg.data), exclude=[out], cache=cache)
-    records = stage_fingerprints(plans, data, cache)
-    if not dry_run:
-        (out / SUMMARY).unlink(missing_ok=True)  # pipeline.json describes a run that finished
+    records = stage_fingerprints(plans, data, cache)  # a missing input file is reported before out/ is made
+    if dry_run:  # reads only: no lock (it may report a stage another process is computing as missing)
+        return _run_stages(cfg, plans, out, records, force=force, dry_run=True, log=log)
+    from mmrec.rundir import prepare_run_dir, run_lock
+    # one pipeline per out/ for the whole call: two would remove each other's stage outputs
+    # (each train / pretrain stage also locks its own run directory, out/train/.lock ...)
+    with run_lock(prepare_run_dir(out, kind="pipeline directory"), "pipeline", kind="pipeline directory"):
         if cache != known:
             write_json(out / FINGERPRINTS / HASH_CACHE, cache)
+        return _run_stages(cfg, plans, out, records, force=force, dry_run=False, log=log)
+
+
+def _run_stages(cfg: PipelineConfig, plans: list[Plan], out: Path, records: dict[str, dict[str, Any]], *,
+                force: bool, dry_run: bool, log: Log) -> PipelineResult:
+    if not dry_run:
+        (out / SUMMARY).unlink(missing_ok=True)  # pipeline.json describes a run that finished
     results: list[StageResult] = []
     cascade: str | None = "--force" if force else None  # set once a stage runs: every later one runs too
     for plan in plans:

@@ -28,9 +28,11 @@ def tiny_config(out: Path, **changes: Any) -> dict[str, Any]:
 
 
 def mtimes(out: Path) -> dict[str, int]:
-    """mtime of every file under ``out`` except the summary and fingerprint records."""
+    """mtime of every file under ``out`` except the summary and fingerprint records and the locks
+    (``out/.lock`` records each call's pid: not an output)."""
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "pipeline.json" and "fingerprints" not in p.parts}
+            if p.is_file() and p.name != "pipeline.json" and "fingerprints" not in p.parts
+            and not p.name.endswith(".lock")}
 
 
 @pytest.fixture(scope="module")

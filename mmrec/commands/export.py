@@ -33,7 +33,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     for key in ("run", "out"):
         if not getattr(opts, key):
             raise ConfigError(f"export needs --{key}")
-    report = export_run(opts.run, opts.out, data=opts.data, device=opts.device, index=opts.index)
+    from pathlib import Path
+
+    from mmrec.rundir import output_lock, prepare_run_dir
+    # OUT's parent writable and not full before the run is read; OUT.lock beside OUT: one writer per
+    # export directory (beside it, so that a refused export leaves no OUT behind)
+    prepare_run_dir(Path(opts.out).parent, kind="output directory")
+    with output_lock(opts.out, "export"):
+        report = export_run(opts.run, opts.out, data=opts.data, device=opts.device, index=opts.index)
     print(f"wrote {report.out}: {report.model} representations of {report.n_users:,} users and {report.n_items:,} "
           f"items (dim {report.dim}); files: {', '.join(report.files)}")
     return 0

@@ -9,6 +9,7 @@ the dataset's user index; users missing from the file get ``""``.
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,12 +29,18 @@ class UserTable:
     columns: dict[str, np.ndarray]          # name -> object array [n_users] of str ('' missing)
     missing_users: int = 0                  # dataset users without a row in the file
     unknown_users: int = 0                  # file rows whose user is not in the dataset (ignored)
+    lines: np.ndarray | None = None         # [n_users] the file line of each user's row (0: no row)
 
     def column(self, name: str) -> np.ndarray:
         if name not in self.columns:
             raise DataError(f"no column '{name}'; the file has: {', '.join(self.columns) or '(none)'}",
                             file=self.path, field=name)
         return self.columns[name]
+
+    def error(self, user: int, name: str, message: str) -> DataError:
+        """A :class:`DataError` at the file line of user index ``user``'s row, field ``name``."""
+        line = int(self.lines[user]) if self.lines is not None and self.lines[user] > 0 else None
+        return DataError(message, file=self.path, line=line, field=name)
 
 
 def read_users(root: str | Path | None, user_ids: Sequence[str]) -> UserTable:
@@ -49,8 +56,15 @@ def read_users(root: str | Path | None, user_ids: Sequence[str]) -> UserTable:
     if not path.is_file():
         raise DataError(f"{USERS_FILE} not found (user columns such as age or gender live there)", file=path)
     index = {str(u): i for i, u in enumerate(user_ids)}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark (spreadsheet exports) is not part of the header
+    except UnicodeDecodeError as e:  # the line and byte, as the interaction readers say it
+        start = raw.rfind(b"\n", 0, e.start) + 1
+        raise DataError(f"not valid UTF-8 (byte {e.start - start + 1} of the line)", file=path,
+                        line=raw.count(b"\n", 0, e.start) + 1) from None
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
+    try:
         try:
             header = next(reader)
         except StopIteration:
@@ -63,9 +77,10 @@ def read_users(root: str | Path | None, user_ids: Sequence[str]) -> UserTable:
         ucol = header.index("user")
         names = [h for h in header if h != "user"]
         cols = {h: np.full(len(index), "", dtype=object) for h in names}
-        seen = np.zeros(len(index), dtype=bool)
+        lines = np.zeros(len(index), dtype=np.int64)
         unknown = 0
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
+            line = reader.line_num  # the row's last physical line (a quoted field may span lines)
             if not row:
                 continue
             if len(row) != len(header):
@@ -74,13 +89,17 @@ def read_users(root: str | Path | None, user_ids: Sequence[str]) -> UserTable:
             if u is None:
                 unknown += 1
                 continue
-            if seen[u]:
-                raise DataError(f"user '{row[ucol]}' appears twice", file=path, line=line, field="user")
-            seen[u] = True
+            if lines[u]:
+                raise DataError(f"user '{row[ucol]}' appears twice (first on line {lines[u]})", file=path,
+                                line=line, field="user")
+            lines[u] = line
             for j, h in enumerate(header):
                 if j != ucol:
                     cols[h][u] = row[j].strip()
-    return UserTable(path, cols, missing_users=int((~seen).sum()), unknown_users=unknown)
+    except csv.Error as e:  # e.g. a field over csv's size limit (a lost closing quote)
+        raise DataError(f"cannot parse the row: {e}", file=path, line=reader.line_num or None) from None
+    seen = lines > 0
+    return UserTable(path, cols, missing_users=int((~seen).sum()), unknown_users=unknown, lines=lines)
 
 
 __all__ = ["UserTable", "read_users", "USERS_FILE"]

@@ -9,6 +9,7 @@ torchaudio is not a dependency).
 from __future__ import annotations
 
 import inspect
+import struct
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,7 +42,10 @@ def _read_wav(src: Any) -> tuple[int, np.ndarray]:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", wavfile.WavFileWarning)
-        rate, data = wavfile.read(src)
+        try:
+            rate, data = wavfile.read(src)
+        except UnboundLocalError:  # scipy returns a variable only its 'data' chunk branch sets
+            raise ValueError("no 'data' chunk: not a complete WAV file") from None
     for w in caught:
         msg = str(w.message)
         if issubclass(w.category, wavfile.WavFileWarning) and msg.startswith(TRUNCATED_WAV):
@@ -79,8 +83,10 @@ def load_waveform(x: AudioLike, sampling_rate: int, index: int = 0) -> np.ndarra
             wav = wav.mean(axis=int(np.argmin(wav.shape)))
         if wav.ndim != 1 or wav.size == 0:
             raise ValueError(f"expected a non-empty mono waveform, got shape {wav.shape}")
-    except (OSError, ValueError, TypeError) as e:
-        reason = str(e)
+    # scipy's WAV parser divides by the header's channel count and unpacks its fields unchecked: a
+    # forged header raises ZeroDivisionError / struct.error / EOFError, not only ValueError
+    except (OSError, ValueError, TypeError, ArithmeticError, EOFError, IndexError, struct.error) as e:
+        reason = str(e) or type(e).__name__
         reason = reason if len(reason) <= 200 else reason[:200] + "..."  # never echo a whole payload
         raise DataError(f"cannot read audio of item {index}: {reason}", file=where, field="audio") from e
     if int(rate) != sampling_rate:

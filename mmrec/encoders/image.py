@@ -8,6 +8,7 @@ were trained with.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -60,7 +61,9 @@ def _open_rgb(x: ImageLike, index: int) -> Image.Image:
         else:
             raise TypeError(f"unsupported image type {type(x).__name__}")
         return img.convert("RGB")
-    except (OSError, TypeError, ValueError) as e:
+    # PIL's plugins report a damaged file as SyntaxError (a broken PNG chunk), struct.error or
+    # EOFError as well as OSError: all mean "this file is not a readable image"
+    except (OSError, TypeError, ValueError, SyntaxError, EOFError, IndexError, ArithmeticError, struct.error) as e:
         where = x if isinstance(x, (str, Path)) else None
         raise DataError(f"cannot read image of item {index}: {e}", file=where, field="image") from e
 

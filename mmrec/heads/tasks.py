@@ -205,8 +205,11 @@ def rule_exposures(data: Dataset, rng: np.random.Generator, opts: TaskOptions) -
     if not exp.labels:
         raise DataError("exposures have no label columns (e.g. click, convert)", file=source)
     for name, col in exp.labels.items():
-        if not np.isin(col, (0, 1)).all():
-            raise DataError("label values must be 0 or 1", file=source, field=name)
+        bad = ~np.isin(col, (0, 1))
+        if bad.any():
+            raise DataError(f"label values must be 0 or 1; {int(bad.sum())} row(s) hold others, e.g. "
+                            f"{float(col[bad][0]):g} (user '{data.user_ids[exp.user[bad][0]]}', item "
+                            f"'{data.item_ids[exp.item[bad][0]]}')", file=source, field=name)
     keys = exp.pair_keys(data.n_items)
     part = _heldout_part(data, keys)
     free = part == 0
@@ -264,17 +267,33 @@ def rule_multi_behavior(data: Dataset, rng: np.random.Generator, opts: TaskOptio
 
 # -- scenarios from a user column ------------------------------------------------------------
 
+#: Ages outside this range are typos (or a sentinel such as -1), not people: an error, not a band.
+MAX_AGE = 150
+
+
+class UserValueError(DataError):
+    """A bad users.tsv value; ``index`` is the user's row in the column (for the file line)."""
+
+    def __init__(self, message: str, index: int, field: str) -> None:
+        super().__init__(message, field=field)
+        self.message, self.index = message, index
+
+
 @SCENARIO_BINS.register("age")
 def bin_age(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """MovieLens-1M's age groups (under 18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+)."""
+    """MovieLens-1M's age groups (under 18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+); empty: ``unknown``."""
     edges = [18, 25, 35, 45, 50, 56]
     names = ["<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"]
     ages = np.full(len(values), np.nan)
     for i, v in enumerate(values):
+        if v == "":
+            continue
         try:
-            ages[i] = float(v) if v != "" else np.nan
+            ages[i] = float(v)
         except ValueError:
-            raise DataError(f"age '{v}' is not a number", field="age") from None
+            raise UserValueError(f"age '{v}' is not a number", i, "age") from None
+        if not 0 <= ages[i] <= MAX_AGE:  # also nan / inf: leave the field empty for an unknown age
+            raise UserValueError(f"age '{v}' is not an age in years (0 to {MAX_AGE}; empty for unknown)", i, "age")
     ids = np.searchsorted(edges, ages, side="right").astype(np.int64)
     missing = np.isnan(ages)
     if missing.any():
@@ -289,12 +308,23 @@ def _categorical(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return np.array([lookup[str(v) if v != "" else "unknown"] for v in values], np.int64), names
 
 
+def user_column(table: Any, column: str) -> tuple[np.ndarray, list[str]]:
+    """(group id per user, group names) of a users.tsv column: binned (``age``) or by value.
+
+    A bad value is a :class:`DataError` at its users.tsv line and field.
+    """
+    values = table.column(column)
+    binning: Callable = SCENARIO_BINS.get(column) if column in SCENARIO_BINS else _categorical
+    try:
+        return binning(values)
+    except UserValueError as e:
+        raise table.error(e.index, e.field, e.message) from None
+
+
 def _user_scenarios(data: Dataset, column: str, users: np.ndarray) -> tuple[np.ndarray, list[str]]:
     from mmrec.datasets.users import read_users
     table = read_users(data.root, list(data.user_ids))
-    values = table.column(column)
-    binning: Callable = SCENARIO_BINS.get(column) if column in SCENARIO_BINS else _categorical
-    ids, names = binning(values)
+    ids, names = user_column(table, column)
     return ids[users], names
 
 
@@ -364,4 +394,5 @@ def derive_tasks(data: Dataset, options: TaskOptions | dict[str, Any] | None = N
                          tasks=task_names, scenarios=scen_names, rule=rule, scenario_source=scenario_source)
 
 
-__all__ = ["TASK_RULES", "SCENARIO_BINS", "TaskOptions", "ExposureTable", "derive_tasks", "default_rule"]
+__all__ = ["TASK_RULES", "SCENARIO_BINS", "TaskOptions", "ExposureTable", "UserValueError", "derive_tasks",
+           "default_rule", "user_column"]

@@ -42,6 +42,7 @@ from mmrec.encoders.robust import BadMedia, preprocess_robust
 from mmrec.encoders.weights import known_weights
 from mmrec.errors import ConfigError, MMRecError
 from mmrec.io import atomic_path, write_json
+from mmrec.rundir import check_free_space, holds_output
 
 #: Modalities that come from item content (a run's behavior encoder is not extracted).
 CONTENT_MODALITIES = ("image", "text", "audio")
@@ -350,6 +351,8 @@ def extract_features(data: Dataset, encoders: dict[str, Encoder], out: str | Pat
 
     partial = partial_dir(out)
     chunks = [(c, s, min(s + chunk_size, n)) for c, s in enumerate(range(0, n, chunk_size))]
+    check_free_space(out.parent, extraction_bytes(n, [output_dim(e, project) for e in encoders.values()]),
+                     f"{out.name} (+ its chunks in {partial.name}/)")
 
     def fingerprint() -> dict[str, Any]:  # hashes every weight: ~0.2 s for MiniLM + a ViT
         return extraction_fingerprint(data, encoders, project, batch_size, chunk_size)
@@ -404,6 +407,13 @@ def extract_features(data: Dataset, encoders: dict[str, Encoder], out: str | Pat
                            chunks_reused=len(done), items_encoded=encoded,
                            seconds=round(time.perf_counter() - t0, 3), projected=project, skipped=skipped)
     return report
+
+
+def extraction_bytes(n_items: int, dims: Sequence[int]) -> int:
+    """Peak bytes of an extraction: float32 tables (+ a fused one as wide as the widest) and masks,
+    twice (the chunks in ``OUT.partial/`` and ``OUT``, written before the chunks are removed)."""
+    width = sum(dims) + (max(dims) if len(dims) > 1 else 0)
+    return 2 * n_items * (4 * width + len(dims) + 1)
 
 
 def _prepared_batches(encoders: dict[str, Encoder], views: dict[str, Sequence[Any]], ids: list[str],
@@ -505,6 +515,7 @@ class ExtractConfig:
     progress: bool = True
 
 
+@holds_output("extract", out=lambda cfg, *a, **k: cfg.out)  # OUT.lock: one writer per output (mmrec/rundir.py)
 def run_extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> ExtractReport:
     """Load the data, build the encoders (a run's or frozen defaults) and extract."""
     from mmrec.datasets.loading import load_dataset
@@ -557,5 +568,5 @@ def run_extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> Extra
 
 
 __all__ = ["CONTENT_MODALITIES", "ExtractConfig", "ExtractReport", "available_modalities", "content_view",
-           "extract_features", "extraction_fingerprint", "frozen_encoders", "fuse_tables", "partial_dir",
+           "extract_features", "extraction_bytes", "extraction_fingerprint", "frozen_encoders", "fuse_tables", "partial_dir",
            "prepare_batch", "run_extract"]

@@ -38,6 +38,8 @@ from mmrec.io import atomic_path
 from mmrec.pretrain.config import PretrainConfig
 from mmrec.pretrain.data import CooccurrenceSampler
 from mmrec.pretrain.losses import ContrastiveAlignmentLoss
+from mmrec.pretrain.data import CACHED
+from mmrec.pretrain.retrieval import regression_loss
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -121,8 +123,9 @@ class AlignmentModel(nn.Module):
     """
 
     def __init__(self, encoders: dict[str, Encoder], loss: ContrastiveAlignmentLoss,
-                 cf_weight: float = 0.0, frozen: Iterable[str] = ()) -> None:
+                 cf_weight: float = 0.0, frozen: Iterable[str] = (), regression_weight: float = 0.0) -> None:
         super().__init__()
+        self.regression_weight = float(regression_weight)
         if "behavior" not in encoders:
             raise ConfigError("the alignment model needs a 'behavior' encoder")
         self.encoders = nn.ModuleDict(encoders)
@@ -152,14 +155,18 @@ class AlignmentModel(nn.Module):
 
     def embed(self, modality: str, view: dict[str, Tensor] | None, index: Tensor, mask: Tensor) -> Tensor | None:
         """Projected embeddings of the rows ``mask`` of the batch (``None`` when there are none)."""
-        if view is None:
-            return None
         enc = self.encoders[modality]
         cache = self.caches.get(modality)
+        if view is None or (view is CACHED and cache is None):
+            return None
         if cache is None:
             return enc(view)
         rows = index[mask].to(cache.features.device)
+        if rows.numel() == 0:
+            return None
         missing = ~cache.filled[rows]
+        if missing.any() and view is CACHED:
+            raise RuntimeError(f"{modality}: the batch came without media for items the cache does not hold")
         if missing.any():  # not seen by the fill pass (e.g. cache disabled for a resumed shard run)
             with torch.no_grad():
                 h = enc.encode(enc.to_device(_rows(view, missing.cpu()))).float()
@@ -204,6 +211,10 @@ class AlignmentModel(nn.Module):
                                      masks={"cooc": batch["cf_ok"].to(device)}, item_ids=index, return_terms=True)
                 loss = loss + self.cf_weight * cf
                 terms["behavior-cooc"] = cf.detach()
+            if self.regression_weight > 0:  # content mean -> the behavior row itself (cold-item stand-ins)
+                reg = regression_loss(feats, masks, self.content)
+                loss = loss + self.regression_weight * reg
+                terms["content-regression"] = reg.detach()
         return loss, terms
 
 
@@ -284,7 +295,7 @@ def build_model(cfg: PretrainConfig, data: Dataset, modalities: list[str]) -> Al
                                     learn_temperature=ls.learn_temperature, max_logit_scale=ls.max_logit_scale)
     frozen = [m for m in modalities if cfg.encoder(m).freeze_backbone]
     cf = cfg.behavior.cf_weight if cfg.behavior_kind() == "id" else 0.0
-    model = AlignmentModel(encoders, loss, cf_weight=cf, frozen=frozen)
+    model = AlignmentModel(encoders, loss, cf_weight=cf, frozen=frozen, regression_weight=ls.regression_weight)
     if cfg.train.grad_checkpointing:
         model.grad_checkpointing = {m: enable_grad_checkpointing(encoders[m])  # type: ignore[attr-defined]
                                     for m in modalities if m not in frozen}
@@ -373,6 +384,8 @@ class PretrainTrainer:
         self.stop_metric = stop_metric
         self.early: dict[str, Any] = {"best": None, "best_step": 0, "best_epoch": 0, "bad": 0, "stopped": False}
         self.best_state: dict[str, Tensor] | None = None
+        self.nonfinite = {"in_row": 0, "skipped": 0}  # train.nan_policy's counts (kept in the checkpoint)
+        self.saved_step = 0  # the step of the last checkpoint written (or resumed from)
         self.run_dir = Path(run_dir)
         self.cooc = cooc if model.cf_loss is not None else None
         self.evaluate = evaluate
@@ -443,13 +456,15 @@ class PretrainTrainer:
                 "rng": rngs, "world_size": self.info.world, "step": step, "position": {"epoch": epoch, "batch": batch},
                 "evals": result.evals, "bad_media": result.bad_media, "train_seconds": result.train_seconds,
                 "items": result.items,
-                "extra": self.extra_state, "early": dict(self.early), "best_state": self.best_state}
+                "extra": self.extra_state, "early": dict(self.early), "best_state": self.best_state,
+                "nonfinite": dict(self.nonfinite)}
 
     def save_checkpoint(self, step: int, epoch: int, batch: int, result: TrainResult) -> None:
         state = self._state(step, epoch, batch, result)  # collective: every rank takes part
         if self.info.is_main:
             with atomic_path(self.run_dir / CHECKPOINT) as tmp:
                 torch.save(state, tmp)
+        self.saved_step = step
         barrier(self.info)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
@@ -468,6 +483,7 @@ class PretrainTrainer:
         self.extra_state = state.get("extra", {})
         self.early = dict(state.get("early") or self.early)
         self.best_state = state.get("best_state")
+        self.nonfinite = dict(state.get("nonfinite") or self.nonfinite)
         return state
 
     # -- logging ------------------------------------------------------------------------
@@ -515,15 +531,31 @@ class PretrainTrainer:
         batch["cf_pos"] = torch.from_numpy(pos)
         batch["cf_ok"] = torch.from_numpy(ok)
 
+    def space_needed(self) -> int:
+        """Peak bytes this run adds to ``run_dir``: two checkpoints (the one being replaced and its
+        replacement: weights + AdamW's two moments of the trainable ones, + the best weights when
+        early stopping keeps them) and ``encoders.safetensors``. Shards (streaming) are not counted."""
+        from mmrec.rundir import state_bytes
+        checkpoint = state_bytes(self.model, trainable_copies=2)
+        if self.cfg.train.patience:
+            checkpoint += state_bytes(self.model)
+        existing = sum((self.run_dir / f).stat().st_size for f in (CHECKPOINT, "encoders.safetensors")
+                       if (self.run_dir / f).is_file())
+        return max(2 * checkpoint + state_bytes(self.model) - existing, 0)
+
     def fit(self) -> TrainResult:
         cfg, info = self.cfg, self.info
         t = cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        from mmrec.rundir import check_free_space  # before the first step, not at the first checkpoint
+        check_free_space(self.run_dir, self.space_needed(),
+                         "checkpoint.pt (weights + AdamW moments, old and new while it is replaced) + "
+                         "encoders.safetensors")
         result = TrainResult()
         step, start_epoch, start_batch = 0, 0, 0
         state = self.load_checkpoint() if t.resume else None
         if state is not None:
-            step = state["step"]
+            step = self.saved_step = state["step"]
             start_epoch, start_batch = state["position"]["epoch"], state["position"]["batch"]
             result.evals, result.bad_media = state["evals"], dict(state["bad_media"])
             result.train_seconds = state["train_seconds"]
@@ -546,6 +578,7 @@ class PretrainTrainer:
         pos = (start_epoch, start_batch)
         done = done or self.early["stopped"]  # a resumed run that had stopped early
         t0 = time.perf_counter()
+        bad_loss: tuple[float, int] | None = None  # (value, batch) of the step's first non-finite loss
         while not done and epoch < self.epochs:
             nb = self.source.batches_per_epoch(epoch)
             b = start_batch if epoch == start_epoch else 0
@@ -560,7 +593,10 @@ class PretrainTrainer:
                     with self._autocast():
                         loss, terms = self.net(batch)
                     self.scaler.scale(loss / group).backward()
-                sums["loss"] += float(loss.detach()) / group
+                value = float(loss.detach())
+                if not math.isfinite(value) and bad_loss is None:
+                    bad_loss = (value, b + 1)  # backward still runs: DDP ranks must stay in step
+                sums["loss"] += value / group
                 for k, v in terms.items():
                     sums[k] += float(v) / group
                 n_items += int(batch["index"].shape[0])
@@ -569,12 +605,26 @@ class PretrainTrainer:
                 if not last:
                     continue
                 # -- optimizer step ------------------------------------------------------
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                norm = None
                 if t.grad_clip:
                     self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                                   t.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+                    norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+                elif not self.scaler.is_enabled():  # fp16: the GradScaler skips inf / NaN gradients itself
+                    from mmrec.train.trainer import grad_norm
+                    norm = grad_norm(params)
+                if self.scaler.is_enabled():
+                    norm = None  # fp16: an overflowing gradient is the GradScaler's normal signal, not a fault
+                skip = self._check_finite(bad_loss, norm, step + 1, epoch, b)
+                bad_loss = None
+                if skip:  # no update; the schedule still advances (as for a step the GradScaler skips)
+                    if self.scaler.is_enabled():
+                        if not t.grad_clip:
+                            self.scaler.unscale_(self.optimizer)
+                        self.scaler.update()  # lowers the scale when the gradients overflowed
+                else:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 step += 1
@@ -588,9 +638,12 @@ class PretrainTrainer:
                               "temperature": float(1.0 / self.model.loss_fn.scale().detach()),
                               "items": n_items * info.world,
                               "bad_media": dict(sorted((base_bad + Counter(bad)).items()))}
-                    self._append_log(record)
-                    result.history.append(record)
-                    bar.set_postfix(loss=f"{sums['loss']:.3f}")
+                    if t.nan_policy == "skip":
+                        record["skipped_steps"] = self.nonfinite["skipped"]
+                    if not skip:  # no line for a skipped step (its loss is not a number); later lines count it
+                        self._append_log(record)
+                        result.history.append(record)
+                        bar.set_postfix(loss=f"{sums['loss']:.3f}")
                 micro, sums, n_items = 0, Counter(), 0
                 group = min(self.accum, nb - b)
                 if epoch_done:
@@ -631,6 +684,41 @@ class PretrainTrainer:
             if t.patience else None
         self.model.eval()
         return result
+
+    def _check_finite(self, bad_loss: tuple[float, int] | None, norm: Tensor | None, step: int, epoch: int,
+                      batch: int) -> bool:
+        """``train.nan_policy`` for one optimizer step: True to skip it; raises to stop.
+
+        The same policy and message as ``mmrec train``'s (:meth:`mmrec.train.trainer.Trainer._nonfinite`).
+        Under DDP the gradients are already all-reduced (a NaN on one rank is a NaN on all); the
+        loss is per rank, so the verdict is all-reduced too and every rank skips or stops together.
+        """
+        t = self.cfg.train
+        what = None
+        if bad_loss is not None:
+            what, batch = f"loss became {bad_loss[0]}", bad_loss[1]
+        elif norm is not None and not torch.isfinite(norm):
+            what = f"gradient became non-finite (norm {norm.item()}; the loss was finite)"
+        if self.info.distributed:
+            flag = torch.tensor([what is not None], dtype=torch.int32, device=self.info.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and what is None:
+                what = "loss became non-finite on another rank"
+        if what is None:
+            self.nonfinite["in_row"] = 0
+            return False
+        self.nonfinite["in_row"] += 1
+        in_row = self.nonfinite["in_row"]
+        if t.nan_policy == "stop" or in_row > t.max_nonfinite_in_row:
+            why = "" if t.nan_policy == "stop" else \
+                f" in {in_row} steps in a row (train.max_nonfinite_in_row={t.max_nonfinite_in_row})"
+            kept = (f"{self.run_dir / CHECKPOINT} holds the state after step {self.saved_step} (--resume continues "
+                    f"from it)" if self.saved_step else "no checkpoint was written yet")
+            raise MMRecError(f"{what} at step {step} (epoch {epoch + 1}, batch {batch}){why}; {kept}; lower the "
+                             f"learning rate (train.lr={t.lr}) or check the input media "
+                             f"(train.nan_policy=skip skips such steps)")
+        self.nonfinite["skipped"] += 1
+        return True
 
     def _early_stopping(self, metrics: dict[str, float], step: int, epoch: int) -> None:
         """Track ``stop_metric`` (higher is better); stop after ``patience`` evaluations without a gain."""

@@ -48,12 +48,11 @@ def user_side_features(data: Dataset, columns: list[str]) -> torch.Tensor | None
     if not columns:
         return None
     from mmrec.datasets.users import read_users
-    from mmrec.heads.tasks import SCENARIO_BINS, _categorical
+    from mmrec.heads.tasks import user_column
     table = read_users(data.root, list(data.user_ids))
     blocks = []
     for col in columns:
-        binning = SCENARIO_BINS.get(col) if col in SCENARIO_BINS else _categorical
-        ids, names = binning(table.column(col))
+        ids, names = user_column(table, col)  # a bad value: DataError at its users.tsv line
         blocks.append(np.eye(len(names), dtype=np.float32)[ids])
     return torch.from_numpy(np.concatenate(blocks, axis=1))
 

@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from mmrec.errors import ConfigError, MMRecError
 from mmrec.io import atomic_path
 from mmrec.models.base import Recommender
 from mmrec.progress import log, log_lines, progress_bar
+from mmrec.rundir import check_free_space, training_bytes
 from mmrec.train.checkpoint import load_state, load_weights, save_state, save_weights
 from mmrec.train.config import RunConfig
 
@@ -43,6 +44,20 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def grad_norm(params: Iterable[torch.nn.Parameter], clip: float | None = None) -> torch.Tensor:
+    """The total 2-norm of the gradients (after backward, before the step), clipping them to ``clip`` if set.
+
+    One number answers "is any gradient inf / NaN" (a non-finite entry makes the norm non-finite),
+    which ``train.nan_policy`` checks: a finite loss can still overflow in backward.
+    """
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    if clip:
+        return torch.nn.utils.clip_grad_norm_(params, clip)  # returns the norm before clipping
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
 
 
 class Trainer:
@@ -71,6 +86,9 @@ class Trainer:
             self._log(result.history[-1])
             return result
 
+        # before the first epoch, not when the first checkpoint fails to fit (docs/reliability.md, section 4)
+        check_free_space(self.run_dir, training_bytes(model, self.run_dir),
+                         "checkpoint.pt (weights + Adam moments, old and new while it is replaced) + best.safetensors")
         optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas))
         if tc.lr_decay_steps is not None and tc.lr_decay_steps < 1:
             raise ConfigError(f"train.lr_decay_steps must be >= 1 (or null for a decay per epoch), got {tc.lr_decay_steps}")
@@ -162,19 +180,17 @@ class Trainer:
             if aux is not None:
                 loss = loss + aux
             if not torch.isfinite(loss):
-                self._bad_in_row += 1
-                if tc.nan_policy == "stop" or self._bad_in_row > tc.max_nonfinite_in_row:
-                    why = "" if tc.nan_policy == "stop" else \
-                        f" in {self._bad_in_row} batches in a row (train.max_nonfinite_in_row={tc.max_nonfinite_in_row})"
-                    raise MMRecError(f"loss became {loss.item()} at epoch {epoch}, batch {n + skipped + 1}{why}; "
-                                     f"{self._kept()}; lower the learning rate (train.lr={tc.lr}) or check the "
-                                     f"input features (train.nan_policy=skip skips such batches)")
+                self._nonfinite(f"loss became {loss.item()}", epoch, n + skipped + 1)
                 skipped += 1  # skip: no backward, no optimiser (or scheduler) step for this batch
                 continue
-            self._bad_in_row = 0
             loss.backward()
-            if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            norm = grad_norm(model.parameters(), tc.grad_clip)
+            if not torch.isfinite(norm):  # a finite loss can still give inf / NaN gradients (overflow in backward)
+                self._nonfinite(f"gradient became non-finite (norm {norm.item()}; the loss was finite, "
+                                f"{loss.item():.6g})", epoch, n + skipped + 1)
+                skipped += 1  # skip: no optimiser (or scheduler) step; zero_grad drops the gradient
+                continue
+            self._bad_in_row = 0
             optimizer.step()
             if step_scheduler is not None:
                 step_scheduler.step()
@@ -183,6 +199,17 @@ class Trainer:
             bar.set_postfix(loss=f"{total / n:.4f}")
         model.eval()
         return total / max(n, 1), skipped
+
+    def _nonfinite(self, what: str, epoch: int, batch: int) -> None:
+        """``train.nan_policy``: raise (stop, or too many in a row), else return and the batch is skipped."""
+        tc = self.cfg.train
+        self._bad_in_row += 1
+        if tc.nan_policy == "stop" or self._bad_in_row > tc.max_nonfinite_in_row:
+            why = "" if tc.nan_policy == "stop" else \
+                f" in {self._bad_in_row} batches in a row (train.max_nonfinite_in_row={tc.max_nonfinite_in_row})"
+            raise MMRecError(f"{what} at epoch {epoch}, batch {batch}{why}; "
+                             f"{self._kept()}; lower the learning rate (train.lr={tc.lr}) or check the "
+                             f"input features (train.nan_policy=skip skips such batches)")
 
     def _kept(self) -> str:
         """What a stopped run leaves behind, so the user knows what to resume or evaluate."""
