@@ -80,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mmrec.train.config import build_run_config
     from mmrec.train.run import train
     cli = {k: getattr(args, k) for k in ("model", "data", "out", "format", "split", "protocol", "seed",
-                                           "device", "mode", "fusion", "filtration", "head", "features",
+                                           "device", "mode", "fusion", "filtration", "enhancement", "head", "features",
                                            "epochs", "batch_size", "lr", "resume")}
     cfg = build_run_config(args.config, cli, args.overrides)
     if getattr(cfg, "recipe", None):
@@ -104,7 +104,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         overrides["split"] = args.split
     if args.seed is not None:
         overrides["seed"] = args.seed
-    out = evaluate(args.run, data=args.data, protocol=args.protocol, split=held_out, overrides=overrides)
+    out = evaluate(args.run, data=args.data, protocol=args.protocol, split=held_out, overrides=overrides,
+                   cold_items=args.cold_items, metrics_out=args.metrics_out)
     from mmrec.train.run import load_run_config
     head = load_run_config(Path(args.run)).head
     kind = f"head {head}, labelled exposures" if head else f"{out['protocol']} ranking"
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("two-step", "end2end"))
     p.add_argument("--fusion")
     p.add_argument("--filtration")
+    p.add_argument("--enhancement", help="feature enhancement after the fusion: mdr, ghmfc")
     p.add_argument("--head")
     p.add_argument("--features", action="append", help="feature-store file (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
@@ -191,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=("full", "sampled"))
     p.add_argument("--split", help="test or valid (which held-out rows), or a split kind: " + ", ".join(SPLIT_KINDS))
     p.add_argument("--seed", type=int)
+    p.add_argument("--cold-items", help="aligned:PRETRAIN_RUN: score items without training interactions with the "
+                                        "content vectors of a pre-training run aligned to this run")
+    p.add_argument("--metrics-out", help="write the metrics here instead of RUN/metrics.json")
     _common(p)
     p.set_defaults(func=cmd_evaluate)
 

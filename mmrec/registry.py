@@ -60,6 +60,7 @@ class Registry(Generic[T]):
 MODELS: Registry = Registry("model")
 FUSIONS: Registry = Registry("fusion")
 FILTRATIONS: Registry = Registry("filtration")
+ENHANCEMENTS: Registry = Registry("enhancement")
 HEADS: Registry = Registry("head")
 ENCODERS: Registry = Registry("encoder")
 READERS: Registry = Registry("data format")

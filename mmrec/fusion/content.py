@@ -18,7 +18,10 @@ The three stages are registries (``FUSIONS``, ``FILTRATIONS``), so
   embedding; ``modality-gate``: one learned weight per modality) may rewrite the
   projected modalities;
 - a *fusion* (``sum``, ``concat``, ``attention``, ``gated``, ...) combines them into one
-  vector per item. Masked modalities never contribute.
+  vector per item. Masked modalities never contribute;
+- an optional *feature enhancement* (``ENHANCEMENTS``: ``mdr``, ``ghmfc``;
+  :mod:`mmrec.fusion.enhancement`) rewrites the fused vector and adds a self-supervised
+  loss over the step's items (:meth:`ItemContentEncoder.enhancement_loss`).
 
 With ``modality_dropout = p > 0`` the encoder hides, in training only, each modality an
 item has with probability p from the filtration and the fusion
@@ -42,14 +45,14 @@ from torch import Tensor, nn
 
 from mmrec.datasets.schema import Dataset, FeatureTable
 from mmrec.errors import ConfigError, DataError
-from mmrec.registry import FILTRATIONS, FUSIONS
+from mmrec.registry import ENHANCEMENTS, FILTRATIONS, FUSIONS
 
 Parts = dict[str, Tensor]
 
 #: Modules whose import registers fusions / filtrations (absent ones are skipped).
 FUSION_MODULES = ("mmrec.fusion.simple", "mmrec.fusion.attention", "mmrec.fusion.nova",
                   "mmrec.fusion.filtration", "mmrec.fusion.edge_filtration",
-                  "mmrec.fusion.modality_gate")
+                  "mmrec.fusion.modality_gate", "mmrec.fusion.enhancement")
 
 
 def import_all_fusions() -> None:
@@ -78,6 +81,11 @@ class ContentFields:
     encoder_dim: int = 64                   # projection size of the default encoders
     encode_active: int = 64                 # items re-encoded with gradient per step (the rest: memory bank)
     align_weight: float = 0.1               # weight of the content <-> item-ID alignment loss
+    # feature enhancement after the fusion (mmrec/fusion/enhancement.py): mdr | ghmfc | None
+    enhancement: str | None = None
+    enhance_weight: float = 0.1             # weight of the enhancement's loss (added by auxiliary_loss)
+    enhance_temperature: float = 0.2        # InfoNCE temperature of the enhancement's contrastive terms
+    enhance_items: int = 512                # at most this many of the step's items enter the enhancement loss
 
 
 FEATURE_NORMS = ("standard", "l2", "none")
@@ -163,14 +171,23 @@ class FrozenFeatures(nn.Module):
 
 
 class ItemContentEncoder(nn.Module):
-    """Source -> per-modality linear projection -> (modality dropout) -> optional filtration -> fusion."""
+    """Source -> per-modality linear projection -> (modality dropout) -> optional filtration -> fusion
+    -> optional enhancement.
+
+    With an ``enhancement``, every training forward that builds a graph (:meth:`forward` over
+    the catalogue, :meth:`encode_rows` over a batch's items) keeps its parts for
+    :meth:`enhancement_loss`, which the model's ``auxiliary_loss`` reads once per step.
+    """
 
     def __init__(self, source: nn.Module, dim: int, fusion: str = "sum", filtration: str | None = None,
-                 init_std: float = 0.1, modality_dropout: float = 0.0) -> None:
+                 init_std: float = 0.1, modality_dropout: float = 0.0, enhancement: str | None = None,
+                 enhance_temperature: float = 0.2, enhance_items: int = 512) -> None:
         super().__init__()
         import_all_fusions()
         if not 0.0 <= modality_dropout < 1.0:
             raise ConfigError(f"model.modality_dropout must be in [0, 1), got {modality_dropout}")
+        if enhance_items < 2:
+            raise ConfigError(f"model.enhance_items must be >= 2 (items contrasted per step), got {enhance_items}")
         self.modality_dropout = float(modality_dropout)
         self.init_std = init_std
         self.source = source
@@ -186,6 +203,13 @@ class ItemContentEncoder(nn.Module):
             self.filtration = cls(self.modalities, dim)
         self.fusion_name = fusion
         self.fusion = FUSIONS.get(fusion)(self.modalities, dim)
+        self.enhancement: nn.Module | None = None
+        if enhancement:
+            self.enhancement = ENHANCEMENTS.get(enhancement)(self.modalities, dim, temperature=enhance_temperature)
+        self.enhancement_name = enhancement or None
+        self.enhance_items = int(enhance_items)
+        self._enhance_step: tuple[Parts, Parts, Tensor | None] | None = None  # this step's parts (training)
+        self.active_items: Tensor | None = None   # the step's items (Recommender.on_batch -> set_active)
         self.align: nn.Module | None = None
         if getattr(source, "trainable", False):  # end to end: content <-> item-ID alignment
             from mmrec.pretrain.losses import ContrastiveAlignmentLoss
@@ -198,15 +222,23 @@ class ItemContentEncoder(nn.Module):
         # embeddings' scale (std ~ init_std per dimension), so neither swamps the other.
         for lin in self.proj.values():
             nn.init.normal_(lin.weight, std=self.init_std / lin.in_features ** 0.5)
-        for module in (self.fusion, self.filtration):
+        for module in (self.fusion, self.filtration, self.enhancement):
             if module is not None and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 
     def modality_embeddings(self, id_emb: Tensor | None = None) -> tuple[Parts, Parts]:
         """Projected (and filtered) modality embeddings [n, dim] with their masks.
 
-        In training with ``modality_dropout`` the masks are those after the dropout.
+        In training with ``modality_dropout`` the masks are those after the dropout. A model
+        that fuses these itself bypasses the enhancement, so with one this is refused.
         """
+        if self.enhancement is not None:
+            raise ConfigError(f"model.enhancement '{self.enhancement_name}' acts on the fused vector of the content "
+                              "encoder, but this model fuses the modality embeddings itself; use the enhancement "
+                              "with vbpr, freedom, or lightgcn / lightgcn-mb / cigf / mbgmn with use_features")
+        return self._modality_embeddings(id_emb)
+
+    def _modality_embeddings(self, id_emb: Tensor | None = None) -> tuple[Parts, Parts]:
         feats, masks = self.source()
         return self._project(feats, masks, id_emb)
 
@@ -221,7 +253,10 @@ class ItemContentEncoder(nn.Module):
         feats = {m: feats[m][rows] for m in self.modalities}
         masks = {m: masks[m][rows] for m in self.modalities}
         parts, masks = self._project(feats, masks, id_rows)
-        return self.fusion(parts, masks, id_rows) if fuse else parts
+        self._keep_for_enhancement(parts, masks, rows)
+        if not fuse:
+            return parts
+        return self._enhance(self.fusion(parts, masks, id_rows), parts, masks)
 
     def encode_rows_weights_only(self, rows: Tensor) -> Tensor:
         """``self()[rows]`` as in evaluation, with a gradient for the filtration's parameters only.
@@ -292,10 +327,51 @@ class ItemContentEncoder(nn.Module):
         return report({m: mask.detach().cpu() for m, mask in self.source.masks().items()})
 
     def forward(self, id_emb: Tensor | None = None) -> Tensor:
-        parts, masks = self.modality_embeddings(id_emb)
-        out = self.fusion(parts, masks, id_emb)
+        parts, masks = self._modality_embeddings(id_emb)
+        self._keep_for_enhancement(parts, masks, None)
+        out = self._enhance(self.fusion(parts, masks, id_emb), parts, masks)
         self.last_output = out if out.requires_grad else None  # for the end-to-end alignment loss
         return out
+
+    # -- feature enhancement ----------------------------------------------------------
+    def _enhance(self, fused: Tensor, parts: Parts, masks: Parts) -> Tensor:
+        return fused if self.enhancement is None else self.enhancement(fused, parts, masks)
+
+    def _keep_for_enhancement(self, parts: Parts, masks: Parts, rows: Tensor | None) -> None:
+        """Keep a training forward's parts (rows None: the whole catalogue) for :meth:`enhancement_loss`."""
+        if self.enhancement is None or not self.training or not torch.is_grad_enabled():
+            return
+        if any(p.requires_grad for p in parts.values()) or any(p.requires_grad for p in self.enhancement.parameters()):
+            self._enhance_step = (parts, masks, rows)
+
+    def set_active(self, items: Tensor) -> None:
+        """The items of the coming training step (called by ``Recommender.on_batch``)."""
+        self.active_items = items.detach()
+
+    def enhancement_loss(self) -> Tensor | None:
+        """The enhancement's loss over the items of the last training forward; None without one.
+
+        After :meth:`encode_rows` those are its rows (a batch's items); after a catalogue-wide
+        :meth:`forward` (graph models) the step's items given to :meth:`set_active`, or a
+        random sample of the catalogue when none were given. At most ``enhance_items`` of them
+        (a seeded random subset), so a step costs O(enhance_items² · dim) whatever the
+        catalogue size. The kept parts are released: a second call in the same step gives None.
+        """
+        step, self._enhance_step = self._enhance_step, None
+        if self.enhancement is None or step is None:
+            return None
+        parts, masks, rows = step
+        n = next(iter(parts.values())).shape[0]
+        device = next(iter(parts.values())).device
+        if rows is None and self.active_items is not None:
+            pick = torch.unique(self.active_items.to(device))
+            pick = pick[(pick >= 0) & (pick < n)]
+        else:
+            pick = torch.arange(n, device=device)
+        if len(pick) > self.enhance_items:
+            pick = pick[torch.randperm(len(pick), device=device)[: self.enhance_items]]
+        return self.enhancement.loss({m: p[pick] for m, p in parts.items()},
+                                     {m: k[pick] for m, k in masks.items()})
 
     def alignment_loss(self, id_emb: Tensor) -> Tensor | None:
         """Content ⇄ item-ID InfoNCE over the items re-encoded this step (end-to-end mode)."""
@@ -350,8 +426,18 @@ def build_item_content(data: Dataset, dim: int, config: Any, source: nn.Module |
                                 getattr(config, "feature_norm", "standard"))
     return ItemContentEncoder(source, dim, getattr(config, "fusion", "sum") or "sum",
                               getattr(config, "filtration", None),
-                              modality_dropout=getattr(config, "modality_dropout", 0.0))
+                              modality_dropout=getattr(config, "modality_dropout", 0.0),
+                              **enhancement_args(config))
 
 
-__all__ = ["ContentFields", "FrozenFeatures", "ItemContentEncoder", "build_item_content", "feature_tables",
-           "import_all_fusions"]
+def enhancement_args(config: Any) -> dict[str, Any]:
+    """The ``ItemContentEncoder`` keywords of a config's enhancement fields (empty without one)."""
+    name = getattr(config, "enhancement", None)
+    if not name:
+        return {}
+    return {"enhancement": name, "enhance_temperature": getattr(config, "enhance_temperature", 0.2),
+            "enhance_items": getattr(config, "enhance_items", 512)}
+
+
+__all__ = ["ContentFields", "FrozenFeatures", "ItemContentEncoder", "build_item_content", "enhancement_args",
+           "feature_tables", "import_all_fusions"]

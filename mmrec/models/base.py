@@ -96,22 +96,31 @@ class Recommender(nn.Module):
                 module.set_active(touched)
 
     def auxiliary_loss(self) -> Tensor | None:
-        """Losses besides the model's own, after ``loss``: the end-to-end alignment term.
+        """Losses besides the model's own, after ``loss``: the end-to-end alignment term and the
+        feature-enhancement term.
 
         Content encoders that were fine-tuned this step are aligned with the item ID
-        embeddings (``item_emb``) by InfoNCE, weighted by the config's ``align_weight``.
+        embeddings (``item_emb``) by InfoNCE, weighted by the config's ``align_weight``;
+        a content encoder with a feature enhancement (``model.enhancement``) adds its loss
+        over the step's items, weighted by ``enhance_weight``.
         """
-        item_emb = getattr(self, "item_emb", None)
-        weight = float(getattr(getattr(self, "config", None), "align_weight", 0.0) or 0.0)
-        if not isinstance(item_emb, nn.Embedding) or weight == 0.0:
-            return None
+        config = getattr(self, "config", None)
         total = None
+        item_emb = getattr(self, "item_emb", None)
+        weight = float(getattr(config, "align_weight", 0.0) or 0.0)
+        if isinstance(item_emb, nn.Embedding) and weight != 0.0:
+            for module in self.modules():
+                if module is not self and hasattr(module, "alignment_loss"):
+                    term = module.alignment_loss(item_emb.weight)
+                    if term is not None:
+                        total = weight * term if total is None else total + weight * term
+        weight = float(getattr(config, "enhance_weight", 0.0) or 0.0)
         for module in self.modules():
-            if module is not self and hasattr(module, "alignment_loss"):
-                term = module.alignment_loss(item_emb.weight)
-                if term is not None:
-                    total = term if total is None else total + term
-        return None if total is None else weight * total
+            if module is not self and hasattr(module, "enhancement_loss"):
+                term = module.enhancement_loss()   # called even at weight 0: releases the step's parts
+                if term is not None and weight != 0.0:
+                    total = weight * term if total is None else total + weight * term
+        return total
 
     # -- scoring ----------------------------------------------------------------
     def prepare_eval(self) -> None:
@@ -147,17 +156,38 @@ class InnerProductScoring:
     """
 
     representations: Callable[[], tuple[Tensor, ...]]  # supplied by the model class
+    _cold_standins: tuple[Tensor, Tensor] | None = None
+
+    def set_cold_standins(self, rows: Tensor | None, vectors: Tensor | None = None) -> None:
+        """Score items ``rows`` with ``vectors`` in place of their item rows (cold items with an
+        aligned content vector, mmrec/cold_items.py); ``None`` removes them. Not a parameter or
+        buffer: the stored weights stay the model's own."""
+        if rows is None:
+            self._cold_standins = None
+            return
+        if vectors is None or vectors.shape[0] != rows.shape[0]:
+            raise ValueError("set_cold_standins needs one vector per row")
+        self._cold_standins = (rows.long(), vectors.float())
+
+    def scoring_tables(self) -> tuple[Tensor, Tensor]:
+        """(users, items) whose inner products are the scores: ``representations()`` with the
+        cold-item stand-ins, if any, in their rows."""
+        u, i = self.representations()[:2]
+        if self._cold_standins is not None:
+            rows, vectors = self._cold_standins
+            i = i.index_copy(0, rows.to(i.device), vectors.to(device=i.device, dtype=i.dtype))
+        return u, i
 
     def score_all(self, users: Tensor) -> Tensor:
-        u, i = self.representations()[:2]
+        u, i = self.scoring_tables()
         return u[users] @ i.T
 
     def score(self, users: Tensor, items: Tensor) -> Tensor:
-        u, i = self.representations()[:2]
+        u, i = self.scoring_tables()
         return (u[users].unsqueeze(1) * i[items]).sum(-1)
 
     def item_embeddings(self) -> Tensor:
-        return self.representations()[1]
+        return self.scoring_tables()[1]
 
 
 def model_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
@@ -173,4 +203,31 @@ def create_model(name: str, data: Dataset, config: dict[str, Any] | Any | None =
     cls = MODELS.get(name)
     if config is None or isinstance(config, dict):
         config = from_dict(cls.config_class, config or {}, path="model")
-    return cls.from_dataset(data, config)
+    model = cls.from_dataset(data, config)
+    check_enhancement(name, model, config)
+    return model
+
+
+def check_enhancement(name: str, model: nn.Module, config: Any) -> None:
+    """Refuse a ``model.enhancement`` that the built model would silently ignore.
+
+    The enhancement lives in the content encoder (``ItemContentEncoder``); a model without
+    one (no ``use_features``) or whose encoder was built without it (a model that fuses the
+    modalities itself: lattice, micro) cannot apply it.
+    """
+    from mmrec.errors import ConfigError
+
+    wanted = getattr(config, "enhancement", None)
+    if not wanted:
+        return
+    weight = float(getattr(config, "enhance_weight", 0.0) or 0.0)
+    if weight < 0:
+        raise ConfigError(f"model.enhance_weight must be >= 0, got {weight}")
+    encoders = [m for m in model.modules() if hasattr(m, "enhancement_loss")]
+    if not encoders:
+        raise ConfigError(f"model.enhancement '{wanted}' enhances item content, but model '{name}' reads none "
+                          "(set model.use_features=true, or use a content model: vbpr, freedom)")
+    if all(getattr(m, "enhancement", None) is None for m in encoders):
+        raise ConfigError(f"model '{name}' fuses its modalities itself, so model.enhancement '{wanted}' (which acts "
+                          "on the content encoder's fused vector) cannot apply; use it with vbpr, freedom, or "
+                          "lightgcn / lightgcn-mb / cigf / mbgmn with use_features")

@@ -66,6 +66,7 @@ class RunConfig:
     mode: str = "two-step"
     fusion: str | None = None
     filtration: str | None = None
+    enhancement: str | None = None   # feature enhancement after the fusion: mdr | ghmfc (model.enhancement)
     head: str | None = None
     features: list[str] = field(default_factory=list)
     on_unseen: str = "drop"

@@ -89,7 +89,8 @@ def uses_content(cfg_like: Any) -> bool:
     if _get(cfg_like, "mode", "two-step") == "end2end":  # encoders are trained inside the model
         return False
     args = dict(_get(cfg_like, "model_args", None) or {})
-    if args.get("use_features") or _get(cfg_like, "fusion") or _get(cfg_like, "filtration"):
+    if (args.get("use_features") or args.get("enhancement") or _get(cfg_like, "fusion")
+            or _get(cfg_like, "filtration") or _get(cfg_like, "enhancement")):
         return True
     name = _get(cfg_like, "model")
     if not name:

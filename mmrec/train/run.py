@@ -43,7 +43,8 @@ def prepare_data(cfg: RunConfig) -> Dataset:
 
 
 def model_args(cfg: RunConfig) -> dict[str, Any]:
-    """``model_args`` plus ``--fusion`` / ``--filtration`` / ``--mode`` routed to a model that takes them.
+    """``model_args`` plus ``--fusion`` / ``--filtration`` / ``--enhancement`` / ``--mode`` routed to a model
+    that takes them.
 
     The flags switch content on (``use_features``); a model without the field is a
     clear error rather than a silently ignored flag.
@@ -52,7 +53,7 @@ def model_args(cfg: RunConfig) -> dict[str, Any]:
 
     args = dict(cfg.model_args)
     fields = {f.name for f in dataclasses.fields(model_config(cfg.model, {}))}
-    for flag in ("fusion", "filtration"):
+    for flag in ("fusion", "filtration", "enhancement"):
         value = getattr(cfg, flag)
         if value is None:
             continue
@@ -180,8 +181,14 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
 @holds_run_dir("evaluate", out=lambda run_dir, *a, **k: run_dir, create=False)  # it rewrites RUN/metrics.json
 def evaluate(run_dir: str | Path, data: str | None = None, protocol: str | None = None,
-             split: str = "test", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Re-evaluate a finished run (same data, split and seed unless overridden)."""
+             split: str = "test", overrides: dict[str, Any] | None = None, cold_items: str | None = None,
+             metrics_out: str | Path | None = None) -> dict[str, Any]:
+    """Re-evaluate a finished run (same data, split and seed unless overridden).
+
+    ``cold_items="aligned:PRETRAIN_RUN"``: items without training interactions are scored with
+    the aligned content vectors of a pre-training run that was aligned to this run
+    (mmrec/cold_items.py). ``metrics_out``: write there instead of ``RUN/metrics.json``.
+    """
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     if data is not None:
@@ -195,12 +202,16 @@ def evaluate(run_dir: str | Path, data: str | None = None, protocol: str | None 
     model = build_model(cfg, ds, resolve_device(cfg.device), train_backbone=False)
     model.fit(ds)
     load_weights(model, run_dir)
+    standins = None
+    if cold_items:
+        from mmrec.cold_items import attach_cold_items
+        standins = attach_cold_items(model, ds, cold_items)
     values = make_evaluator(cfg)(model, ds, split)
-    path = run_dir / METRICS
+    path = Path(metrics_out) if metrics_out else run_dir / METRICS
     previous: dict[str, Any] = {}
-    if path.exists():
+    if (run_dir / METRICS).exists():
         import json
-        previous = json.loads(path.read_text())
+        previous = json.loads((run_dir / METRICS).read_text())
     out = {**previous, "model": cfg.model, "data": cfg.data, "protocol": cfg.protocol,
            "split": split, "metrics": values, "seed": cfg.seed}
     for key in ("valid", "best_epoch", "epochs", "train_seconds"):
@@ -214,6 +225,10 @@ def evaluate(run_dir: str | Path, data: str | None = None, protocol: str | None 
         out["cold_start"] = cold
     else:
         out.pop("cold_start", None)
+    if standins is not None:
+        out["cold_items"] = standins
+    else:
+        out.pop("cold_items", None)
     write_json(path, out)
     return out
 

@@ -25,7 +25,7 @@ embeddings) in LATTICE/MICRO/FREEDOM, through ``θ_uᵀ E f_i`` in VBPR.
 from __future__ import annotations
 
 import warnings
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import scipy.sparse as sp
@@ -247,9 +247,12 @@ def frozen_source(data: Dataset, config) -> FrozenFeatures:
 
 
 def content_encoder(source: nn.Module, dim: int, fusion: str = "sum",
-                    feature_filtration: str | None = None, modality_dropout: float = 0.0) -> ItemContentEncoder:
-    """The shared encoder (projection per modality, optional feature filtration, a fusion)."""
-    return ItemContentEncoder(source, dim, fusion, feature_filtration, modality_dropout=modality_dropout)
+                    feature_filtration: str | None = None, modality_dropout: float = 0.0,
+                    **enhancement: Any) -> ItemContentEncoder:
+    """The shared encoder (projection per modality, optional feature filtration, a fusion, and the
+    ``enhancement_args(config)`` of a model that applies a feature enhancement)."""
+    return ItemContentEncoder(source, dim, fusion, feature_filtration, modality_dropout=modality_dropout,
+                              **enhancement)
 
 
 def filtration_uses_id(name: str | None) -> bool:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from mmrec.datasets.schema import Dataset
 from mmrec.errors import ConfigError
 from mmrec.fusion.bridge.knn import knn_graph
-from mmrec.fusion.content import ContentFields, FrozenFeatures
+from mmrec.fusion.content import ContentFields, FrozenFeatures, enhancement_args
 from mmrec.fusion.edge_filtration import DegreeSensitivePruning
 from mmrec.fusion.models.backbone import (ContentGraphRecommender, FrozenItemGraph, UserItemGraph, bpr,
                                           check_positive, content_encoder, edge_filtration,
@@ -127,7 +127,7 @@ class FREEDOM(ContentGraphRecommender):
         weights = resolve_modality_weights(list(source.modalities), config.modality_weights)
         item_graph = frozen_item_graph(source, config.knn_k, weights, config.knn_backend)
         content = content_encoder(source, config.dim, config.fusion or "sum", feature_filtration,
-                                  config.modality_dropout)
+                                  config.modality_dropout, **enhancement_args(config))
         graph = UserItemGraph(data.matrix(), "sym", pruning)
         return cls(data.n_users, data.n_items, warm_items(data), graph, item_graph, content, config, weights)
 
