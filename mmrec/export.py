@@ -80,7 +80,7 @@ def embedding_tables(model: torch.nn.Module, name: str = "") -> tuple[torch.Tens
     model.eval()
     with torch.no_grad():
         model.prepare_eval()
-        users, items = (t.detach().float() for t in model.representations()[:2])
+        users, items = (t.detach().float() for t in model.scoring_tables())  # cold-item stand-ins included
         probe = torch.arange(min(CHECK_USERS, len(users)), device=users.device)
         expected = model.score_all(probe).float()
     got = users[probe] @ items.T

@@ -74,11 +74,13 @@ class Recommender:
     # -- loading ------------------------------------------------------------------------
     @classmethod
     def load(cls, run: str | Path, data: str | None = None, device: str | None = None,
-             batch_size: int | None = None) -> "Recommender":
+             batch_size: int | None = None, cold_items: str | None = None) -> "Recommender":
         """Rebuild a finished run: config, data as the run saw it, model, selected weights.
 
         ``data`` overrides where the run's data is read from (it moved); it must hold the
         same users and items, which is checked against the ids recorded in ``metrics.json``.
+        ``cold_items="aligned:PRETRAIN_RUN"``: items without training interactions are ranked by
+        their aligned content vectors (mmrec/cold_items.py).
         """
         from mmrec.train.checkpoint import BEST, load_weights
         from mmrec.train.run import METRICS, build_model, load_run_config, prepare_data
@@ -105,6 +107,9 @@ class Recommender:
         except RuntimeError as e:  # shape mismatch inside load_state_dict
             raise MMRecError(f"{run_dir / BEST} does not fit model '{cfg.model}' built from {cfg.data}: "
                              f"was the run trained on other data? ({str(e).splitlines()[0]})") from e
+        if cold_items:
+            from mmrec.cold_items import attach_cold_items
+            attach_cold_items(model, ds, cold_items)
         return cls(model, ds, batch_size=batch_size or cfg.train.eval_batch_size, run_dir=run_dir)
 
     # -- ids ------------------------------------------------------------------------------
@@ -353,6 +358,7 @@ class RecommendConfig:
     data: str | None = None        # the run's data moved: read it from here (ids must match)
     device: str | None = None      # default: the run's device
     progress: bool = True          # a bar over user batches when stderr is a terminal
+    cold_items: str | None = None  # aligned:PRETRAIN_RUN (mmrec/cold_items.py)
 
 
 @dataclass
@@ -379,7 +385,8 @@ def run_recommend(cfg: RecommendConfig) -> RecommendReport:
     output_format(cfg.out)  # fail before the (slow) load
     requested = read_user_file(cfg.users) if cfg.users else None
     t0 = time.perf_counter()
-    rec = Recommender.load(cfg.run, data=cfg.data, device=cfg.device, batch_size=cfg.batch_size)
+    rec = Recommender.load(cfg.run, data=cfg.data, device=cfg.device, batch_size=cfg.batch_size,
+                           cold_items=cfg.cold_items)
     unknown: list[str] = []
     users: list[str] | None = None
     if requested is not None:

@@ -12,7 +12,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
     raw: dict[str, Any] = load_yaml(args.config) if args.config else {}
     flags = {"run": args.run, "out": args.out, "users": args.users, "k": args.k, "batch_size": args.batch_size,
-             "data": args.data, "device": args.device}
+             "data": args.data, "device": args.device, "cold_items": args.cold_items}
     raw.update({k: v for k, v in flags.items() if v is not None})
     if args.all:
         raw["all"] = True
@@ -49,5 +49,7 @@ def add_parsers(sub: Any, data_sub: Any, common: Any) -> None:
     p.add_argument("--data", help="the run's data, when it moved (must hold the same user and item ids)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default: the run's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cold-items", help="aligned:PRETRAIN_RUN: rank items without training interactions by the "
+                                        "content vectors of a pre-training run aligned to this run")
     common(p)
     p.set_defaults(func=cmd_recommend)

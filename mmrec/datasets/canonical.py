@@ -40,6 +40,7 @@ Rules the loader follows:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import re
@@ -115,19 +116,30 @@ def _detect(path: Path) -> bool:
 
 @register_reader("canonical", detect=_detect, priority=0,
                  looks_for="interactions.tsv (plus optional test.tsv, valid.tsv, items.tsv, dataset.yaml, features/)")
-def read_canonical(path: str | Path, *, on_unseen: str = "drop", verify_media: bool = False) -> Dataset:
+def read_canonical(path: str | Path, *, on_unseen: str = "drop", verify_media: bool = False,
+                   text_columns: list[str] | None = None) -> Dataset:
     """Read a canonical directory (see the module docstring for the rules)."""
-    return read_layout(path, ".tsv", on_unseen=on_unseen, verify_media=verify_media)
+    return read_layout(path, ".tsv", on_unseen=on_unseen, verify_media=verify_media, text_columns=text_columns)
 
 
-def read_layout(path: str | Path, suffix: str, *, on_unseen: str = "drop", verify_media: bool = False) -> Dataset:
-    """The canonical layout with tables ending in ``suffix`` (``.tsv``; the CSV reader: ``.csv``)."""
+def read_layout(path: str | Path, suffix: str, *, on_unseen: str = "drop", verify_media: bool = False,
+                text_columns: list[str] | None = None) -> Dataset:
+    """The canonical layout with tables ending in ``suffix`` (``.tsv``; the CSV reader: ``.csv``).
+
+    ``text_columns``: the item columns joined into each item's text, in this order, instead of
+    ``dataset.yaml``'s ``text_columns`` or the default (every column that reads as text: an
+    all-numeric column such as a year is left out unless named here).
+    """
     check_on_unseen(on_unseen)
     root = Path(path)
     if not root.is_dir():
         raise DataError("not a directory", file=root)
     meta_file = root / "dataset.yaml"
     meta = read_meta(meta_file)
+    if text_columns is not None:
+        if not isinstance(text_columns, list) or not all(isinstance(c, str) and c for c in text_columns):
+            raise ConfigError(f"text_columns must be a list of column names, not {text_columns!r}")
+        meta = dataclasses.replace(meta, text_columns=list(text_columns))
     train = read_table(root / f"interactions{suffix}", named(INTERACTION_COLUMNS), required=("user", "item"),
                        int_ids=("user", "item"))
     held = {s: read_table(root / f"{s}{suffix}", named(INTERACTION_COLUMNS), required=("user", "item"))

@@ -150,12 +150,3 @@ class BPRMF(InnerProductScoring, Recommender):
     def representations(self) -> tuple[Tensor, Tensor]:
         """(p, q): the score is a plain inner product of these tables (exportable, see docs/recommend.md)."""
         return self.user_emb.weight, self.item_emb.weight
-
-    def score_all(self, users: Tensor) -> Tensor:
-        return self.user_emb(users) @ self.item_emb.weight.T
-
-    def score(self, users: Tensor, items: Tensor) -> Tensor:
-        return (self.user_emb(users).unsqueeze(1) * self.item_emb(items)).sum(-1)
-
-    def item_embeddings(self) -> Tensor:
-        return self.item_emb.weight

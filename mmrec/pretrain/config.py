@@ -12,6 +12,7 @@ YAML shape (every key optional; see configs/pretrain.yaml for the CPU defaults):
     loader: {batch_size: 64, num_workers: 0}
     train: {epochs: 20, lr: 0.001, warmup_steps: 20, amp: none, checkpoint_every: 50}
     heldout: {share: 0.1, valid_share: 0.1, with_control: false}   # held-out item evaluation
+    plots: {enabled: true, map: tsne, color_by: auto}  # embedding_map.png, heldout_curves.png
     control: none                                   # or permuted: the permuted-pair control run
 """
 
@@ -79,6 +80,10 @@ class LossSection:
     init_temperature: float = 0.07
     learn_temperature: bool = True
     max_logit_scale: float = 100.0
+    # each item's content vector (unnormalised mean of its modality embeddings) regressed onto its
+    # behavior row, relative squared error: learns the row's size as well as its direction, so the
+    # vector can stand in for a cold item's ID embedding (needs behavior.head: identity)
+    regression_weight: float = 0.0
 
 
 @dataclass
@@ -112,14 +117,21 @@ class TrainSection:
     amp: str = "none"                   # none | bf16 | fp16 (GPU; fp16 uses a GradScaler)
     grad_checkpointing: bool = False    # backbones that support it (timm, transformers, open_clip)
     cache_frozen: bool = True           # cache frozen backbones' features per item (in memory)
+    feature_cache: bool = False         # ... and on disk, shared by later runs on the same data and backbone
     checkpoint_every: int = 50          # optimizer steps between checkpoints (0: only at the end)
     log_every: int = 1                  # optimizer steps between log.jsonl lines
     progress: bool = True               # tqdm bar on rank 0
     resume: bool = False                # continue from RUN/checkpoint.pt
     stop_after: int | None = None       # testing aid: checkpoint and stop after this many steps (a "kill")
     patience: int = 0                   # early stopping: evaluations (every eval.every epochs) without a better
-                                        # valid/MRR before stopping; the best weights are kept (0: off)
+                                        # stop_metric before stopping; the best weights are kept (0: off)
+    stop_metric: str = "valid/MRR"      # what early stopping watches (higher is better): valid/MRR, valid/Recall@K,
+                                        # or valid/R2 (the content vectors' fit of the behavior rows, with regression)
     find_unused_parameters: bool = False  # DDP option
+    # a step whose loss or gradient is NaN / inf: "stop" (keeping the last checkpoint) or "skip" it (no
+    # optimizer update; the schedule still advances), stopping after more than max_nonfinite_in_row in a row
+    nan_policy: str = "stop"
+    max_nonfinite_in_row: int = 10
 
 
 @dataclass
@@ -148,6 +160,18 @@ class HeldoutSection:
 
 
 CONTROLS = ("none", "permuted")
+MAP_METHODS = ("tsne", "umap", "none")
+
+
+@dataclass
+class PlotsSection:
+    """Pictures written at the end of a run (docs/pretraining.md, "Pictures"); a failing plot never fails it."""
+
+    enabled: bool = True        # embedding_map.png, heldout_curves.png (with held-out items)
+    map: str = "tsne"           # tsne | umap (needs umap-learn installed) | none: the 2-D map of item embeddings
+    color_by: str = "auto"      # an item column (genres, category, ...); auto: the first of genres, genre,
+                                # category, categories the items have; "split": fit / valid / held-out
+    map_max_items: int = 20_000  # more items than this: a seeded sample of them on the map
 
 
 @dataclass
@@ -171,6 +195,8 @@ class PretrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     heldout: HeldoutSection = field(default_factory=HeldoutSection)
+    plots: PlotsSection = field(default_factory=PlotsSection)
+    data_args: dict[str, Any] = field(default_factory=dict)  # reader options, e.g. {text_columns: [title, year]}
     control: str = "none"               # permuted: pair each training item's content with another training
                                         # item's behavior embedding (the control run of the held-out report)
 
@@ -192,6 +218,11 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         raise ConfigError(f"modalities: duplicates in {cfg.modalities}")
     if cfg.train.amp not in AMP_MODES:
         raise ConfigError(f"train.amp must be one of {', '.join(AMP_MODES)}, not '{cfg.train.amp}'")
+    from mmrec.train.config import NAN_POLICIES
+    if cfg.train.nan_policy not in NAN_POLICIES:
+        raise ConfigError(f"train.nan_policy must be one of {', '.join(NAN_POLICIES)}, not '{cfg.train.nan_policy}'")
+    if cfg.train.max_nonfinite_in_row < 0:
+        raise ConfigError(f"train.max_nonfinite_in_row must be >= 0, got {cfg.train.max_nonfinite_in_row}")
     if cfg.behavior_kind() not in ("id", "run"):
         raise ConfigError(f"behavior.kind must be 'id' or 'run', not '{cfg.behavior.kind}'")
     if cfg.behavior_kind() == "run" and not cfg.behavior.run:
@@ -221,6 +252,23 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         raise ConfigError(f"control must be one of {', '.join(CONTROLS)}, not '{cfg.control}'")
     if h.with_control and not h.enabled():
         raise ConfigError("heldout.with_control needs held-out items (heldout.share or heldout.items)")
+    if cfg.plots.map not in MAP_METHODS:
+        raise ConfigError(f"plots.map must be one of {', '.join(MAP_METHODS)}, not '{cfg.plots.map}'")
+    if cfg.plots.map_max_items < 5:
+        raise ConfigError(f"plots.map_max_items must be at least 5, got {cfg.plots.map_max_items}")
+    if not cfg.plots.color_by:
+        raise ConfigError("plots.color_by must name an item column, 'auto' or 'split'")
+    if cfg.loss.regression_weight < 0:
+        raise ConfigError(f"loss.regression_weight must be >= 0, got {cfg.loss.regression_weight}")
+    if cfg.loss.regression_weight > 0 and cfg.behavior.head != "identity":
+        raise ConfigError("loss.regression_weight > 0 regresses content onto the behavior model's own item "
+                          "embeddings: set behavior.head=identity (and embed_dim to the behavior table's width), "
+                          f"not '{cfg.behavior.head}' (a trainable head could shrink the target to zero)")
+    if not cfg.train.stop_metric.startswith("valid/"):
+        raise ConfigError(f"train.stop_metric must be a valid/* metric (the validation slice), not "
+                          f"'{cfg.train.stop_metric}': held-out and training items never select the model")
+    if cfg.train.stop_metric == "valid/R2" and cfg.loss.regression_weight <= 0:
+        raise ConfigError("train.stop_metric=valid/R2 needs loss.regression_weight > 0")
     if cfg.train.patience < 0:
         raise ConfigError(f"train.patience must be >= 0, got {cfg.train.patience}")
     if cfg.train.patience and not cfg.eval.every:
@@ -271,5 +319,5 @@ def config_to_dict(cfg: PretrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-__all__ = ["CONTROLS", "BehaviorSection", "EncoderSection", "EvalSection", "HeldoutSection", "LoaderSection", "LossSection", "PretrainConfig",
+__all__ = ["CONTROLS", "BehaviorSection", "EncoderSection", "EvalSection", "HeldoutSection", "LoaderSection", "LossSection", "MAP_METHODS", "PlotsSection", "PretrainConfig",
            "TrainSection", "build_pretrain_config", "config_to_dict", "validate", "CONTENT_MODALITIES"]

@@ -51,6 +51,10 @@ def memory_sample(data: Dataset, i: int, modalities: Sequence[str] = ("image", "
     return out
 
 
+#: The view of a modality whose features come from the frozen-feature cache (see ``ItemCollator.cached``).
+CACHED = "cached"
+
+
 class ItemCollator:
     """Samples -> the batch dict of the module docstring (runs in DataLoader workers)."""
 
@@ -61,6 +65,10 @@ class ItemCollator:
         # shards carry the original id beside the index: checked, so shards of another
         # dataset (or another item order) fail instead of training on wrong pairs
         self.item_ids = [str(x) for x in item_ids] if item_ids is not None else None
+        # modality -> [n_items] bool: a frozen backbone's features are cached for these items, so the
+        # batch carries only the presence mask and :data:`CACHED` instead of decoded media (decoding
+        # and resizing every poster each epoch cost more than the heads' whole training)
+        self.cached: dict[str, torch.Tensor] = {}
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         index = torch.tensor([s["index"] for s in samples], dtype=torch.long)
@@ -76,6 +84,9 @@ class ItemCollator:
         views: dict[str, Any] = {}
         masks: dict[str, torch.Tensor] = {}
         for m in self.modalities:
+            if m in self.cached and samples:
+                views[m], masks[m] = CACHED, self.cached[m][index].clone()
+                continue
             raws = [s.get(FIELDS[m]) for s in samples]  # WAV/PNG bytes or paths: the encoders read both
             if not samples:
                 views[m], masks[m] = None, torch.zeros(0, dtype=torch.bool)

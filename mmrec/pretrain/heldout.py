@@ -146,11 +146,19 @@ def subset_ranks(queries: Tensor, has: Tensor, keys: Tensor, items: np.ndarray, 
     return ranks_of_self(queries[idx[with_query]], sub_keys, with_query, block_size)
 
 
+def content_ranks(embs: dict[str, Tensor], masks: dict[str, Tensor], modalities: list[str], items: np.ndarray,
+                  block_size: int = 4096) -> Tensor:
+    """Rank of each of ``items``' own behavior embedding among ``items``' behavior embeddings, queried
+    by its fused content embedding (items without content skipped): what ``subset_metrics`` summarises,
+    kept whole for the held-out curves (:mod:`mmrec.pretrain.plots`)."""
+    fused, has = fuse(embs, masks, modalities)
+    return subset_ranks(fused, has, embs["behavior"], items, block_size)
+
+
 def subset_metrics(embs: dict[str, Tensor], masks: dict[str, Tensor], modalities: list[str], items: np.ndarray,
                    ks: Iterable[int], prefix: str, block_size: int = 4096) -> dict[str, float]:
     """Content -> behavior retrieval restricted to ``items`` (queries and candidates)."""
-    fused, has = fuse(embs, masks, modalities)
-    return rank_metrics(subset_ranks(fused, has, embs["behavior"], items, block_size), ks, prefix)
+    return rank_metrics(content_ranks(embs, masks, modalities, items, block_size), ks, prefix)
 
 
 @torch.no_grad()
@@ -197,9 +205,15 @@ def ridge_baseline(x: Tensor, has: Tensor, y: Tensor, split: ItemSplit, alphas: 
     """A ridge map ``x -> y`` (sklearn ``Ridge``) fitted on the fit items, ``alpha`` chosen by the
     validation slice's MRR (the fit items when there is none), ranked on the held-out items
     exactly as the trained encoders are: ``(metrics with prefix heldout/ridge, alpha)``."""
+    ranks, alpha = ridge_ranks(x, has, y, split, alphas, block_size)
+    return rank_metrics(ranks, ks, f"{PREFIX}/ridge"), alpha
+
+
+def ridge_ranks(x: Tensor, has: Tensor, y: Tensor, split: ItemSplit, alphas: Iterable[float],
+                block_size: int = 4096) -> tuple[Tensor, float]:
+    """:func:`ridge_baseline`'s held-out ranks (one per held-out item with content) and ``alpha``."""
     from sklearn.linear_model import Ridge
 
-    ks = list(ks)
     xn, yn = x.double().numpy(), y.double().numpy()
     train = split.fit[has[split.fit].numpy()]
     if len(train) < 2:
@@ -215,10 +229,9 @@ def ridge_baseline(x: Tensor, has: Tensor, y: Tensor, split: ItemSplit, alphas: 
             best = (mrr, alpha, pred)
     assert best is not None
     _, alpha, pred = best
-    ranks = subset_ranks(pred, has, y.float(), split.heldout, block_size)
-    return rank_metrics(ranks, ks, f"{PREFIX}/ridge"), alpha
+    return subset_ranks(pred, has, y.float(), split.heldout, block_size), alpha
 
 
-__all__ = ["ItemSplit", "PREFIX", "chance_metrics", "cold_split_items", "frozen_content_features",
-           "permuted_targets", "resolve_heldout", "restrict_columns", "ridge_baseline", "split_items",
+__all__ = ["ItemSplit", "PREFIX", "chance_metrics", "cold_split_items", "content_ranks", "frozen_content_features",
+           "permuted_targets", "resolve_heldout", "restrict_columns", "ridge_baseline", "ridge_ranks", "split_items",
            "subset_metrics", "subset_ranks"]

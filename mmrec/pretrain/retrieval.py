@@ -130,6 +130,46 @@ def embed_items(model: Any, batches: Iterable[dict[str, Any]], n_items: int,
     return embs, masks
 
 
+def content_mean(embs: dict[str, Tensor], masks: dict[str, Tensor], modalities: list[str]) -> tuple[Tensor, Tensor]:
+    """Unnormalised mean of each item's available modality embeddings, and which items have any.
+
+    Unlike :func:`fuse` it keeps the size: with ``loss.regression_weight`` the content heads learn
+    the behavior rows' norms too, and this vector stands in for a cold item's ID embedding
+    (mmrec/cold_items.py).
+    """
+    first = embs[modalities[0]]
+    total = torch.zeros_like(first)
+    count = torch.zeros(first.shape[0], device=first.device, dtype=first.dtype)
+    for m in modalities:
+        keep = masks[m].to(first.device)
+        total = total + embs[m] * keep[:, None].to(first.dtype)
+        count = count + keep.to(first.dtype)
+    has = count > 0
+    return total / count.clamp(min=1)[:, None], has
+
+
+def regression_loss(feats: dict[str, Tensor], masks: dict[str, Tensor], modalities: list[str],
+                    target: str = "behavior") -> Tensor:
+    """``Σ_i ‖c_i − b_i‖² / Σ_i ‖b_i‖²`` over the batch's items with content: ``c_i`` the
+    :func:`content_mean`, ``b_i`` the behavior row. Relative, so its size does not depend on the
+    behavior table's scale; a content vector that predicts 0 scores 1."""
+    c, has = content_mean(feats, masks, modalities)
+    b = feats[target]
+    if not bool(has.any()):
+        return (c * 0.0).sum()
+    diff = (c[has] - b[has]).pow(2).sum()
+    return diff / b[has].pow(2).sum().clamp_min(1e-12)
+
+
+def fit_r2(embs: dict[str, Tensor], masks: dict[str, Tensor], modalities: list[str], items: Any) -> float:
+    """``1 − regression_loss`` over ``items``: how much of the behavior rows' size the content vectors
+    reproduce (1: exactly; 0: no better than predicting zero; the metric of ``train.stop_metric=valid/R2``)."""
+    rows = torch.as_tensor(items, dtype=torch.long, device=embs["behavior"].device)
+    sub = {v: embs[v][rows] for v in [*modalities, "behavior"]}
+    sub_masks = {m: masks[m][rows] for m in modalities}
+    return 1.0 - float(regression_loss(sub, sub_masks, modalities))
+
+
 def fuse(embs: dict[str, Tensor], masks: dict[str, Tensor], modalities: list[str]) -> tuple[Tensor, Tensor]:
     """Normalised mean of each item's available modality embeddings (items with none are masked)."""
     first = embs[modalities[0]]
@@ -157,4 +197,5 @@ def retrieval_metrics(embs: dict[str, Tensor], masks: dict[str, Tensor], modalit
     return out
 
 
-__all__ = ["CONTENT", "available_memory", "check_block_fits", "embed_items", "fuse", "rank_metrics", "ranks_of_self", "retrieval_metrics"]
+__all__ = ["CONTENT", "available_memory", "check_block_fits", "content_mean", "embed_items", "fuse",
+           "fit_r2", "regression_loss", "rank_metrics", "ranks_of_self", "retrieval_metrics"]

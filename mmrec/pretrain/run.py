@@ -8,7 +8,9 @@ What a run leaves (rank 0 writes; every file atomically):
   bad-media counts, steps, seconds; with held-out items (``heldout.share`` / ``items``)
   also ``heldout/*`` beside chance, a ridge map and, asked for, the permuted-pair control
   (:mod:`mmrec.pretrain.heldout`);
-* ``checkpoint.pt`` (resume), ``log.jsonl`` (one line per step), ``config.yaml``, ``curves.png``.
+* ``checkpoint.pt`` (resume), ``log.jsonl`` (one line per step), ``config.yaml``, ``curves.png``;
+* ``embedding_map.png`` and, with held-out items, ``heldout_curves.png`` + ``heldout_ranks.npz``
+  (``plots.*``, :mod:`mmrec.pretrain.plots`; ``plots`` in ``metrics.json``).
 """
 
 from __future__ import annotations
@@ -33,10 +35,15 @@ from mmrec.pretrain.config import PretrainConfig, config_to_dict
 from mmrec.pretrain.data import (CooccurrenceSampler, ItemCollator, MemorySource, ShardSource,
                                  check_shards_match, eval_batches)
 from mmrec.pretrain.heldout import (PREFIX as HELDOUT, ItemSplit, chance_metrics, frozen_content_features,
-                                    permuted_targets, restrict_columns, ridge_baseline, split_items,
+                                    permuted_targets, restrict_columns, ridge_ranks, split_items,
                                     subset_metrics)
+from mmrec.pretrain.plots import write_plots
+from mmrec.pretrain.retrieval import fit_r2, rank_metrics
 from mmrec.pretrain.retrieval import embed_items, retrieval_metrics
 from mmrec.pretrain.shards import read_sizes, write_shards
+from mmrec.pretrain.feature_cache import cache_path, load_cached, save_cached
+from mmrec.pretrain.standins import write_aligned_items
+from mmrec.progress import log, log_lines, progress_bar
 from mmrec.pretrain.trainer import (CHECKPOINT, AlignmentModel, DistInfo, PretrainTrainer, TrainResult, barrier,
                                     build_model, init_distributed)
 from mmrec.rundir import holds_run_dir, write_provenance
@@ -47,7 +54,7 @@ Log = Callable[[str], None]
 
 def load_pretrain_data(cfg: PretrainConfig) -> Dataset:
     """The dataset with the run's split applied: the behavior side sees training rows only."""
-    data = load_dataset(cfg.data, cfg.format, seed=cfg.seed)
+    data = load_dataset(cfg.data, cfg.format, seed=cfg.seed, **cfg.data_args)
     return apply_split(data, cfg.split, seed=cfg.seed)
 
 
@@ -100,6 +107,11 @@ def materialize_media(data: Dataset, modalities: list[str]) -> Dataset:
     return dataclasses.replace(data, items=dataclasses.replace(items, **changes))
 
 
+def cached_masks(model: AlignmentModel) -> dict[str, torch.Tensor]:
+    """Per cached modality, which items' frozen features the cache holds (CPU, for the collator)."""
+    return {m: c.filled.detach().cpu().clone() for m, c in model.caches.items()}
+
+
 def fill_caches(model: AlignmentModel, data: Dataset, cfg: PretrainConfig, info: DistInfo,
                 shard_dir: Path | None) -> None:
     """Frozen backbones' features of every item, computed once in fixed batches (resume-safe)."""
@@ -108,12 +120,30 @@ def fill_caches(model: AlignmentModel, data: Dataset, cfg: PretrainConfig, info:
         return
     n = data.n_items
     caches = {m: model.enable_cache(m, n) for m in frozen}
+    on_disk = {m: cache_path(data, m, cfg.encoder(m), cfg.seed) for m in frozen} if cfg.train.feature_cache else {}
+    for m, path in on_disk.items():
+        got = load_cached(path, n, caches[m].features.shape[1])
+        if got is not None:
+            caches[m].features.copy_(got[0].to(caches[m].features.device))
+            caches[m].filled.copy_(got[1].to(caches[m].filled.device))
+            if info.is_main:
+                log(f"frozen {m} features from {path}")
+    frozen = [m for m in frozen if not (m in on_disk and bool(caches[m].filled.any()))]
+    if not frozen:
+        return
     collate = ItemCollator({m: model.encoders[m] for m in frozen}, frozen)
     rank, world = (info.rank, info.world) if shard_dir is None else (0, 1)
     model.eval()
+    show = cfg.train.progress and info.is_main
+    if log_lines(show):
+        log(f"caching frozen {', '.join(frozen)} features of {n:,} items ...")
+    t0 = time.perf_counter()
+    batches = eval_batches(data, collate, cfg.eval.batch_size, shard_dir, cfg.loader.num_workers, rank=rank,
+                           world=world)
+    total = -(-n // cfg.eval.batch_size) // world if shard_dir is None else None
     with torch.no_grad():
-        for batch in eval_batches(data, collate, cfg.eval.batch_size, shard_dir, cfg.loader.num_workers,
-                                  rank=rank, world=world):
+        for batch in progress_bar(batches, enabled=show, total=total, desc=f"caching {'+'.join(frozen)}",
+                                  leave=False):
             for m in frozen:
                 view = batch["views"][m]
                 if view is None:
@@ -122,6 +152,8 @@ def fill_caches(model: AlignmentModel, data: Dataset, cfg: PretrainConfig, info:
                 rows = batch["index"][batch["masks"][m]].to(caches[m].features.device)
                 caches[m].features[rows] = enc.encode(enc.to_device(view)).float()
                 caches[m].filled[rows] = True
+    if log_lines(show):
+        log(f"cached in {time.perf_counter() - t0:.0f} s")
     if info.distributed and world > 1:  # each rank filled its chunks: sum the disjoint parts
         import torch.distributed as dist
         for c in caches.values():
@@ -129,6 +161,10 @@ def fill_caches(model: AlignmentModel, data: Dataset, cfg: PretrainConfig, info:
             filled = c.filled.to(torch.int32)
             dist.all_reduce(filled)
             c.filled = filled > 0
+    if info.is_main:
+        for m in frozen:
+            if m in on_disk:
+                save_cached(on_disk[m], caches[m].features, caches[m].filled)
 
 
 def make_source(cfg: PretrainConfig, data: Dataset, collate: ItemCollator, info: DistInfo,
@@ -144,19 +180,29 @@ def make_source(cfg: PretrainConfig, data: Dataset, collate: ItemCollator, info:
 
 def evaluate_retrieval(model: AlignmentModel, data: Dataset, cfg: PretrainConfig, modalities: list[str],
                        shard_dir: Path | None, bad: BadMedia | None = None, split: ItemSplit | None = None,
-                       heldout: bool = True) -> dict[str, float]:
+                       heldout: bool = True, keep: dict[str, Any] | None = None) -> dict[str, float]:
     """In-sample retrieval over all items; with ``split`` also ``valid/*`` (the validation slice
     ranked among itself) and, if ``heldout``, ``heldout/*`` (the held-out items among themselves).
-    Evaluations during training pass ``heldout=False``: held-out items play no part in them."""
+    Evaluations during training pass ``heldout=False``: held-out items play no part in them.
+    ``keep``: receives the ``embs`` and ``masks`` ranked (the pictures reuse them)."""
     collate = ItemCollator({m: model.encoders[m] for m in modalities}, modalities)
+    if bad is None:  # evaluations during training: cached features, no media decoding (the final one counts bad media)
+        collate.cached = cached_masks(model)
     batches = eval_batches(data, collate, cfg.eval.batch_size, shard_dir, cfg.loader.num_workers)
     embs, masks = embed_items(model, batches, data.n_items, bad)
+    if keep is not None:
+        keep.update(embs=embs, masks=masks)
     ks, block = cfg.eval.ks, cfg.eval.block_size
     out = retrieval_metrics(embs, masks, modalities, ks, block)
+    regress = cfg.loss.regression_weight > 0
     if split is not None and len(split.valid) >= 2:
         out.update(subset_metrics(embs, masks, modalities, split.valid, ks, "valid", block))
+        if regress:
+            out["valid/R2"] = fit_r2(embs, masks, modalities, split.valid)
     if split is not None and heldout and len(split.heldout) >= 2:
         out.update(subset_metrics(embs, masks, modalities, split.heldout, ks, HELDOUT, block))
+        if regress:
+            out[f"{HELDOUT}/R2"] = fit_r2(embs, masks, modalities, split.heldout)
     return out
 
 
@@ -171,8 +217,9 @@ def ridge_reference(model: AlignmentModel, data: Dataset, cfg: PretrainConfig, m
         x, has = frozen_content_features(model, batches, data.n_items)
         beh = model.encoders["behavior"]
         y = beh.encode({"item": torch.arange(data.n_items, device=beh.device)}).float().cpu()
-    metrics, alpha = ridge_baseline(x, has, y, split, cfg.heldout.ridge_alphas, cfg.eval.ks, cfg.eval.block_size)
-    return {"metrics": metrics, "alpha": alpha, "features": int(x.shape[1])}
+    ranks, alpha = ridge_ranks(x, has, y, split, cfg.heldout.ridge_alphas, cfg.eval.block_size)
+    return {"metrics": rank_metrics(ranks, cfg.eval.ks, f"{HELDOUT}/ridge"), "alpha": alpha,
+            "features": int(x.shape[1]), "ranks": ranks}
 
 
 @holds_run_dir("pretrain", main_only=True)  # RUN writable, RUN/.lock held by rank 0 (mmrec/rundir.py)
@@ -221,6 +268,7 @@ def pretrain(cfg: PretrainConfig, log: Log | None = None, data: Dataset | None =
     collate = ItemCollator({m: model.encoders[m] for m in modalities}, modalities, item_ids)
     source = make_source(cfg, data, collate, info, shard_dir, items=split.fit if split is not None else None)
     fill_caches(model, data, cfg, info, shard_dir)
+    collate.cached = cached_masks(model)  # training batches skip decoding media of cached modalities
     ridge = ridge_reference(model, data, cfg, modalities, split) \
         if split is not None and cfg.heldout.enabled() and info.is_main else None
     targets = None
@@ -246,6 +294,7 @@ def pretrain(cfg: PretrainConfig, log: Log | None = None, data: Dataset | None =
         # positives among the aligned items only: a held-out item's row never reaches the loss
         cooc = CooccurrenceSampler(restrict_columns(matrix, split.fit) if split is not None else matrix)
     trainer = PretrainTrainer(cfg, model, source, run_dir, info, cooc=cooc, evaluate=evaluate, extra_state=extra,
+                              stop_metric=cfg.train.stop_metric,
                               targets=targets)
     if shard_dir is not None and info.is_main:
         say(f"streaming {source.n_samples:,} items from {shard_dir}; "  # type: ignore[union-attr]
@@ -255,10 +304,11 @@ def pretrain(cfg: PretrainConfig, log: Log | None = None, data: Dataset | None =
         barrier(info)
         return {"interrupted": True, "step": result.step, "epoch": result.epoch}
     out: dict[str, Any] = {}
+    kept: dict[str, Any] = {}
     if info.is_main:
         bad = BadMedia()
         t0 = time.perf_counter()
-        final = evaluate_retrieval(model, data, cfg, modalities, shard_dir, bad, split=split)
+        final = evaluate_retrieval(model, data, cfg, modalities, shard_dir, bad, split=split, keep=kept)
         eval_seconds = time.perf_counter() - t0
         heldout_info = None
         if split is not None:
@@ -271,9 +321,17 @@ def pretrain(cfg: PretrainConfig, log: Log | None = None, data: Dataset | None =
         out = _write_outputs(cfg, data_name, run_dir, model, data, modalities, dropped, trainer, result,
                              trainer.extra_state.get("baseline", {}), final, bad, info, shard_dir, eval_seconds,
                              heldout_info)
+        standins = write_aligned_items(model, data, cfg, modalities, run_dir)  # cold-item stand-ins
+        if standins is not None:
+            out["aligned_items"] = standins
+            write_json(run_dir / METRICS, out)
     barrier(info)
     if cfg.heldout.with_control and cfg.control == "none":
         out = _with_control(cfg, log, data, out)
+    if info.is_main and cfg.plots.enabled:  # after the control: its held-out ranks join the curves
+        out["plots"] = write_plots(cfg, run_dir, data, modalities, kept["embs"], kept["masks"], split,
+                                   ridge["ranks"] if ridge is not None else None, say)
+        write_json(run_dir / METRICS, out)
     return out
 
 

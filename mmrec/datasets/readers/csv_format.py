@@ -24,9 +24,10 @@ def _detect(path: Path) -> bool:
 
 @register_reader("csv", detect=_detect, priority=5,
                  looks_for="interactions.csv (plus optional test.csv, valid.csv, items.csv, dataset.yaml, features/)")
-def read_csv_dir(path: str | Path, *, on_unseen: str = "drop", verify_media: bool = False) -> Dataset:
+def read_csv_dir(path: str | Path, *, on_unseen: str = "drop", verify_media: bool = False,
+                 text_columns: list[str] | None = None) -> Dataset:
     """Read a directory of comma-separated files laid out as the canonical directory."""
-    return read_layout(path, ".csv", on_unseen=on_unseen, verify_media=verify_media)
+    return read_layout(path, ".csv", on_unseen=on_unseen, verify_media=verify_media, text_columns=text_columns)
 
 
 __all__ = ["read_csv_dir"]
