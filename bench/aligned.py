@@ -7,7 +7,8 @@ Per seed and split, everything at its recipe with early stopping on validation:
    EfficientNet-Lite0 + MiniLM, MLP heads; on the cold split the cold items are held out);
 3. ``lightgcn+aligned``: the same LightGCN weights, cold items scored by their aligned vectors
    (``mmrec evaluate --cold-items aligned:PRETRAIN``; cold split only);
-4. ``mmrec extract --run PRETRAIN``: aligned per-modality features;
+4. the pre-training run's ``item_features.safetensors`` (= ``mmrec extract --run PRETRAIN``):
+   aligned per-modality features;
 5. content models (``--models``, default VBPR and FREEDOM) on the dataset's raw frozen
    features (``MODEL[raw]``) and on the aligned ones (``MODEL[aligned]``), plus any
    ``--variant LABEL=MODEL:KEY=VALUE;...`` on the aligned features (e.g. an enhancement).
@@ -69,11 +70,8 @@ def train_one(label: str, model: str, seed: int, args: argparse.Namespace, out: 
 
 def run_seed(seed: int, args: argparse.Namespace, results: Path) -> None:
     from mmrec.pretrain.config import build_pretrain_config
-    from mmrec.pretrain.extract import extract_features
-    from mmrec.pretrain.artifacts import load_encoders
     from mmrec.pretrain.run import pretrain
     from mmrec.train.run import evaluate
-    from mmrec.datasets.loading import load_dataset
 
     done = _done(results)
     root = Path(args.runs) / f"seed{seed}"
@@ -97,11 +95,7 @@ def run_seed(seed: int, args: argparse.Namespace, results: Path) -> None:
         m = evaluate(lgcn, cold_items=f"aligned:{pre}", metrics_out=root / "lightgcn-aligned.json")
         _append(results, _row("lightgcn+aligned", seed, m, args.data, time.perf_counter() - t0,
                               cold_items=m.get("cold_items")))
-    aligned = pre / "items.safetensors"
-    if not aligned.exists():
-        stamp("extract")
-        data = load_dataset(args.data, seed=seed)
-        extract_features(data, load_encoders(pre), aligned, project=True, progress=False)
+    aligned = pre / "item_features.safetensors"  # = `mmrec extract --run PRETRAIN` (tests/test_cold_items.py)
     variants = parse_variants(args.variant)
     for model in args.models:
         for label, features, sets in ((f"{model}[raw]", [], []), (f"{model}[aligned]", [str(aligned)], [])):

@@ -68,10 +68,25 @@ def test_regression_loss_is_relative_and_zero_only_at_the_target():
     assert float(regression_loss(feats, masks, ["text"])) == pytest.approx(1.0)
 
 
-def test_regression_needs_the_identity_head():
+def test_regression_needs_the_identity_head_and_selection_reads_validation_only():
     from mmrec.pretrain.config import build_pretrain_config
     with pytest.raises(ConfigError, match="behavior.head=identity"):
         build_pretrain_config(None, {}, ["loss.regression_weight=1.0"])
+    with pytest.raises(ConfigError, match="valid"):
+        build_pretrain_config(None, {}, ["train.stop_metric=heldout/MRR"])
+    with pytest.raises(ConfigError, match="regression_weight"):
+        build_pretrain_config(None, {}, ["train.stop_metric=valid/R2"])
+
+
+def test_unit_length_heads_ignore_the_backbones_scale():
+    from mmrec.encoders.base import HEADS
+    torch.manual_seed(0)
+    x = torch.rand(5, 12)
+    for name in ("l2-linear", "l2-mlp"):
+        head = HEADS[name](12, 4)
+        assert torch.allclose(head(x), head(30.0 * x), atol=1e-6)
+    plain = HEADS["linear"](12, 4)
+    assert not torch.allclose(plain(x), plain(30.0 * x))
 
 
 # -- the stand-ins ----------------------------------------------------------------------------------

@@ -146,6 +146,18 @@ def test_yaml_text_columns_override(tmp_path):
     assert list(read_canonical(tmp_path).items.text) == ["code"]
 
 
+def test_reader_option_text_columns_keeps_a_numeric_column_and_its_order(tmp_path):
+    tsv(tmp_path / "interactions.tsv", "user item", "u 1")
+    tsv(tmp_path / "items.tsv", "item year title", "1 1995 Heat")
+    assert list(read_canonical(tmp_path).items.text) == ["title"]          # a numeric column is not text by default
+    d = load_dataset(tmp_path, text_columns=["title", "year"])
+    assert list(d.items.text) == ["title", "year"] and d.items.item_text(0) == "Heat. 1995"
+    with pytest.raises(DataError, match="plot"):
+        read_canonical(tmp_path, text_columns=["plot"])
+    with pytest.raises(ConfigError, match="text_columns"):
+        read_canonical(tmp_path, text_columns="title")
+
+
 def test_media_conventions_and_features(tmp_path):
     tsv(tmp_path / "interactions.tsv", "user item", "u 1", "u 2", "u 3")
     tsv(tmp_path / "items.tsv", "item title has_image", "1 a 1", "2 b 1", "3 c 0")

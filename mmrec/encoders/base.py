@@ -43,6 +43,23 @@ def _mlp(d_in: int, d_out: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, d_in), nn.GELU(), nn.Linear(d_in, d_out))
 
 
+class L2Normalize(nn.Module):
+    """Unit-length rows: frozen backbones differ in scale by orders of magnitude (EfficientNet's
+    non-negative activations vs MiniLM's unit vectors); on unit rows one learning rate and one
+    weight decay fit every modality's head (measured on ml100k-mm: docs/results.md)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.normalize(x, dim=-1)
+
+
+def _l2_linear(d_in: int, d_out: int) -> nn.Module:
+    return nn.Sequential(L2Normalize(), nn.Linear(d_in, d_out))
+
+
+def _l2_mlp(d_in: int, d_out: int) -> nn.Module:
+    return nn.Sequential(L2Normalize(), _mlp(d_in, d_out))
+
+
 def _identity(d_in: int, d_out: int) -> nn.Module:
     if d_in != d_out:
         raise ConfigError(f"head 'identity' keeps the backbone size {d_in}, but embed_dim={d_out}")
@@ -50,7 +67,8 @@ def _identity(d_in: int, d_out: int) -> nn.Module:
 
 
 #: Projection heads from the backbone size to the shared embedding size.
-HEADS: dict[str, Callable[[int, int], nn.Module]] = {"linear": _linear, "mlp": _mlp, "identity": _identity}
+HEADS: dict[str, Callable[[int, int], nn.Module]] = {"linear": _linear, "mlp": _mlp, "l2-linear": _l2_linear, "l2-mlp": _l2_mlp,
+                                                     "identity": _identity}
 
 
 class Encoder(nn.Module):
