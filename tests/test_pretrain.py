@@ -54,6 +54,9 @@ def tiny():
 def test_recipe_matches_the_defaults_and_overrides_keep_the_model():
     assert config_to_dict(build_pretrain_config(REPO / "configs" / "pretrain.yaml")) == config_to_dict(PretrainConfig())
     build_pretrain_config(REPO / "configs" / "pretrain-gpu.yaml")
+    for recipe in ("pretrain-ml100k.yaml", "pretrain-ml100k-gpu.yaml"):  # the real-content recipes load and validate
+        cfg = build_pretrain_config(REPO / "configs" / recipe, {}, ["behavior.run=/x"])
+        assert cfg.behavior.head == "identity" and cfg.loss.regression_weight > 0 and cfg.heldout.items == "cold"
     cfg = build_pretrain_config(None, {}, ["image.freeze_backbone=true", "behavior.run=/x"])
     assert cfg.image.name == "test_vit" and cfg.image.args["img_size"] == 64 and cfg.image.freeze_backbone
     assert cfg.behavior_kind() == "run"
