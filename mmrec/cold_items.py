@@ -88,8 +88,9 @@ def load_standins(path: Path, data: Dataset) -> tuple[FeatureTable, FeatureTable
     if ids is None or not known & set(ids):
         raise DataError(f"its items do not match dataset '{data.name}' (no item id in common): "
                         f"aligned on other data?", file=path, field="item_ids")
-    return (align_features(tables[ALIGNED], ids, list(map(str, data.item_ids)), source=path),
-            align_features(tables[BEHAVIOR], ids, list(map(str, data.item_ids)), source=path))
+    item_ids = list(map(str, data.item_ids))
+    return (align_features(tables[ALIGNED], ids, item_ids, source=path, dataset=data.name),
+            align_features(tables[BEHAVIOR], ids, item_ids, source=path, dataset=data.name))
 
 
 def attach_cold_items(model: torch.nn.Module, data: Dataset, spec: str) -> dict[str, Any]:

@@ -208,3 +208,30 @@ def test_item_features_file_equals_an_extraction_of_the_run(runs, tmp_path):
     assert ids == ids_x and set(ours) == set(theirs) == {"text"}
     assert torch.equal(ours["text"].mask, theirs["text"].mask)
     assert torch.allclose(ours["text"].features, theirs["text"].features, atol=1e-5)
+
+
+# -- bad input: another dataset's behavior run or features are errors naming both ----------------------------
+def test_a_behavior_run_of_other_data_is_an_error_naming_both(tmp_path):
+    from mmrec.datasets.features import write_features
+    from mmrec.datasets.schema import FeatureTable
+    from mmrec.encoders.weights import WeightsError
+    other = tmp_path / "other"
+    other.mkdir()
+    write_features(other / "item_embeddings.safetensors",
+                   FeatureTable(torch.zeros(3, DIM), torch.ones(3, dtype=torch.bool), {}), ["x1", "x2", "x3"])
+    with pytest.raises(WeightsError) as e:
+        pretrain(tiny_config(tmp_path / "run", *FAST, "train.epochs=1", f"behavior.run={other}"))
+    assert "synthetic:tiny" in str(e.value) and str(other) in str(e.value) and "x1" in str(e.value)
+
+
+def test_a_features_file_of_other_data_is_an_error_naming_both(tmp_path):
+    from mmrec.datasets.features import load_feature_file, write_features
+    from mmrec.datasets.schema import FeatureTable
+    f = tmp_path / "f.safetensors"
+    write_features(f, FeatureTable(torch.zeros(3, 4), torch.ones(3, dtype=torch.bool), {}), ["x1", "x2", "x3"])
+    with pytest.raises(DataError, match="synthetic:tiny") as e:
+        load_feature_file(f, ["i0", "i1"], dataset="synthetic:tiny")
+    assert str(f) in str(e.value) and "x1" in str(e.value)
+    with pytest.warns(UserWarning, match="not in the dataset"):  # a partial overlap is counted, not refused
+        got = load_feature_file(f, ["x1", "i1"], dataset="synthetic:tiny")
+    assert next(iter(got.values())).mask.tolist() == [True, False]

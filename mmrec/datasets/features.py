@@ -192,8 +192,12 @@ def read_features(path: str | Path) -> tuple[FeatureTable, list[str] | None]:
 
 
 def align_features(table: FeatureTable, file_ids: Sequence[str] | None, item_ids: Sequence[str],
-                   source: str | Path = "features") -> FeatureTable:
-    """Reorder rows to the dataset's item order; items absent from the file are masked."""
+                   source: str | Path = "features", dataset: str | None = None) -> FeatureTable:
+    """Reorder rows to the dataset's item order; items absent from the file are masked.
+
+    A file that shares no item id with the dataset is an error naming both (``dataset``):
+    features of other data, never a silently all-masked table.
+    """
     n = len(item_ids)
     if file_ids is None:
         if table.features.shape[0] != n:
@@ -205,6 +209,10 @@ def align_features(table: FeatureTable, file_ids: Sequence[str] | None, item_ids
             raise DataError(f"item '{x}' has two rows ({pos[str(x)]} and {i})", file=source, field="item_ids")
     rows = np.array([pos.get(str(x), -1) for x in item_ids], dtype=np.int64)
     found = rows >= 0
+    if n and len(file_ids) and not found.any():
+        raise DataError(f"none of its {len(file_ids)} item ids (e.g. {', '.join(map(str, file_ids[:3]))}) is an item of "
+                        f"dataset '{dataset or '?'}' (whose items are e.g. {', '.join(map(str, item_ids[:3]))}): "
+                        f"features of other data?", file=source, field="item_ids")
     unmatched = len(file_ids) - int(found.sum())
     meta = dict(table.meta)
     if unmatched:  # rows for items the dataset does not have: skipped, and said so
@@ -220,14 +228,14 @@ def align_features(table: FeatureTable, file_ids: Sequence[str] | None, item_ids
     return FeatureTable(feats, mask, meta)
 
 
-def load_feature_file(path: str | Path, item_ids: Sequence[str]) -> dict[str, FeatureTable]:
+def load_feature_file(path: str | Path, item_ids: Sequence[str], dataset: str | None = None) -> dict[str, FeatureTable]:
     """Every table of one feature file, aligned to the dataset's items (absent items masked).
 
     What ``--features FILE`` attaches: ``{stem: table}`` for a single-table file,
     ``{modality: table, ..., "fused": table}`` for a file written by ``mmrec extract``.
     """
     tables, ids = read_feature_tables(path)
-    return {name: align_features(t, ids, item_ids, source=path) for name, t in tables.items()}
+    return {name: align_features(t, ids, item_ids, source=path, dataset=dataset) for name, t in tables.items()}
 
 
 def load_feature_dir(directory: str | Path, item_ids: Sequence[str]) -> dict[str, FeatureTable]:

@@ -136,7 +136,9 @@ class RunEmbeddingEncoder(_ItemTable):
                 pos = {x: i for i, x in enumerate(file_ids)}
                 missing = [str(x) for x in item_ids if str(x) not in pos]
                 if missing:
-                    raise WeightsError(f"{run}: {len(missing)} items have no embedding (e.g. {', '.join(missing[:3])})")
+                    raise WeightsError(f"{run}: {len(missing)} of the data's {len(item_ids)} items have no embedding "
+                                       f"(e.g. {', '.join(missing[:3])}); its {len(file_ids)} rows are for items "
+                                       f"such as {', '.join(map(str, file_ids[:3]))}: trained on other data?")
                 emb = emb[torch.tensor([pos[str(x)] for x in item_ids])]
             file_ids = [str(x) for x in item_ids]
         self.item_ids = file_ids

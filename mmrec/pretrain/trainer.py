@@ -33,12 +33,12 @@ from torch import Tensor, nn
 
 from mmrec.datasets.schema import Dataset
 from mmrec.encoders.base import Encoder, create_encoder
+from mmrec.encoders.weights import WeightsError
 from mmrec.errors import ConfigError, MMRecError
 from mmrec.io import atomic_path
 from mmrec.pretrain.config import PretrainConfig
-from mmrec.pretrain.data import CooccurrenceSampler
+from mmrec.pretrain.data import CACHED, CooccurrenceSampler
 from mmrec.pretrain.losses import ContrastiveAlignmentLoss
-from mmrec.pretrain.data import CACHED
 from mmrec.pretrain.retrieval import regression_loss
 
 CHECKPOINT = "checkpoint.pt"
@@ -253,8 +253,11 @@ def build_encoders(cfg: PretrainConfig, data: Dataset, modalities: list[str]) ->
     b = cfg.behavior
     if cfg.behavior_kind() == "run":
         trainable = bool(b.trainable) if b.trainable is not None else False
-        beh = create_encoder("behavior", "run", embed_dim=cfg.embed_dim, head=b.head, run=b.run,
-                             trainable=trainable, item_ids=[str(x) for x in data.item_ids])
+        try:
+            beh = create_encoder("behavior", "run", embed_dim=cfg.embed_dim, head=b.head, run=b.run,
+                                 trainable=trainable, item_ids=[str(x) for x in data.item_ids])
+        except WeightsError as e:  # name both sides: the run and the data it is matched against
+            raise WeightsError(f"behavior.run does not match dataset '{data.name}' ({cfg.data}): {e}") from e
     else:
         beh = create_encoder("behavior", "id", pretrained=None, embed_dim=cfg.embed_dim, head=b.head,
                              num_items=data.n_items, dim=b.dim)

@@ -33,7 +33,7 @@ def prepare_data(cfg: RunConfig) -> Dataset:
     data = load_dataset(cfg.data, cfg.format, seed=cfg.seed, on_unseen=cfg.on_unseen, **cfg.data_args)
     data = apply_split(data, cfg.split, seed=cfg.seed, **cfg.split_args)
     for path in cfg.features:  # single-table file -> {stem: table}; extract file -> {image, text, ..., fused}
-        data.items.features.update(load_feature_file(path, list(data.item_ids)))
+        data.items.features.update(load_feature_file(path, list(data.item_ids), dataset=data.name))
     # Content models on data with raw content but no stored features: extract once, cached.
     done = ensure_features(data, cfg)
     if done["extracted"] or done["cached"]:
