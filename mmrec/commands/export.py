@@ -1,4 +1,4 @@
-"""``mmrec export``: embedding tables + a faiss index (inner-product runs) or + an ONNX scorer (CIGF) (docs/recommend.md)."""
+"""``mmrec export``: embedding tables + a faiss index (inner-product runs) or + an ONNX scorer (network models) (docs/recommend.md)."""
 
 from __future__ import annotations
 
@@ -51,10 +51,10 @@ def add_parsers(sub: Any, data_sub: Any, common: Any) -> None:
                        description="For models whose score is a plain inner product of user and item embeddings "
                                    "(bprmf, lightgcn, vbpr, the multimodal graph models): write the embedding "
                                    "tables (safetensors), the id of each row, a faiss IndexFlatIP over items and "
-                                   "export.json. For cigf: the per-behavior representation tables and its MESI "
-                                   "scoring network as scorer.onnx (users rows, items table -> scores; needs "
-                                   "mmrec[export]). Other models are refused: ONNX export of their scoring "
-                                   "networks is not supported yet.")
+                                   "export.json. For cigf, mbgmn, sasrec, nova and history: the tables their "
+                                   "scoring network reads and the network as scorer.onnx (per-user inputs, items "
+                                   "table -> scores; export.json lists the inputs; needs mmrec[export]). Other "
+                                   "models are refused: serve them with mmrec recommend.")
     p.add_argument("--run", help="run directory written by mmrec train")
     p.add_argument("--out", help="output directory")
     p.add_argument("--data", help="the run's data, when it moved (must hold the same user and item ids)")
