@@ -34,6 +34,80 @@ MODEL_TYPE_ALIASES = {"ast": "audio-spectrogram-transformer"}
 TRUNCATED_WAV = ("Reached EOF prematurely", "Incomplete chunk ID")
 
 
+#: Longest audio a WAV file may declare (data-chunk frames / sample rate): 10 minutes. The
+#: encoders keep seconds of it (``LogMelCNNEncoder.max_seconds``: 10 s), so anything longer is a
+#: mistake or a forged header, and scipy would read and convert all of it first.
+MAX_WAV_SECONDS = 600.0
+#: Most sample bytes a WAV file may declare: 256 MiB, whatever its rate says (10 minutes of 48 kHz
+#: stereo float32 is 230 MB). A header forging a huge rate would otherwise pass the duration bound.
+MAX_WAV_BYTES = 256 * 2**20
+
+
+def _declared_wav_size(fid: Any) -> tuple[int, float | None] | None:
+    """``(sample bytes, seconds or None)`` a WAV header declares, read without reading the samples.
+
+    Walks the RIFF / RIFX / RF64 chunk headers up to ``data``, seeking past other chunks' bodies.
+    ``None`` when the header cannot be followed that far: then scipy's reader says what is wrong.
+    """
+    head = fid.read(12)
+    if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX", b"RF64") or head[8:] != b"WAVE":
+        return None
+    end = ">" if head[:4] == b"RIFX" else "<"
+    rf64_data = None
+    rate = align = 0
+    for _ in range(64):  # real files hold a handful of chunks; a forged one may chain thousands
+        ck = fid.read(8)
+        if len(ck) < 8:
+            return None
+        size = struct.unpack(end + "I", ck[4:])[0]
+        if ck[:4] == b"ds64" and size >= 16:
+            body = fid.read(size)
+            rf64_data = struct.unpack("<Q", body[8:16])[0] if len(body) >= 16 else None
+            fid.seek(size % 2, 1)
+        elif ck[:4] == b"fmt " and size >= 16:
+            body = fid.read(16)
+            if len(body) < 16:
+                return None
+            _, _, rate, _, align = struct.unpack(end + "HHIIH", body[:14])
+            fid.seek(size - 16 + size % 2, 1)
+        elif ck[:4] == b"data":
+            if size == 0xFFFFFFFF:  # RF64: the size is in ds64; RIFF: a streamed file of unknown length
+                if rf64_data is not None:
+                    size = rf64_data
+                else:  # scipy then reads to the end of the file: bound what is really there
+                    here = fid.tell()
+                    size = fid.seek(0, 2) - here
+                    fid.seek(here)
+            seconds = size / align / rate if rate > 0 and align > 0 else None
+            return size, seconds
+        else:
+            fid.seek(size + size % 2, 1)
+    return None
+
+
+def _check_wav_size(src: Any, index: int, where: Any) -> None:
+    """Refuse a WAV whose header declares more than :data:`MAX_WAV_SECONDS` / :data:`MAX_WAV_BYTES`
+    before a sample is read (reason ``too_large``, as ``load_image`` does for decompression bombs)."""
+    if isinstance(src, (str, Path)):
+        with open(src, "rb") as fid:
+            declared = _declared_wav_size(fid)
+    else:
+        src.seek(0)
+        declared = _declared_wav_size(src)
+        src.seek(0)
+    if declared is None:
+        return
+    size, seconds = declared
+    if size > MAX_WAV_BYTES or (seconds is not None and seconds > MAX_WAV_SECONDS):
+        length = f"{seconds:,.0f} s" if seconds is not None else "no valid sample rate"
+        err = DataError(f"audio of item {index} is too large to read safely: its header declares {size:,} bytes "
+                        f"of samples ({length}); the limit is {MAX_WAV_SECONDS / 60:g} minutes and "
+                        f"{MAX_WAV_BYTES // 2**20} MiB (mmrec.encoders.audio.MAX_WAV_SECONDS / MAX_WAV_BYTES)",
+                        file=where, field="audio")
+        err.reason = "too_large"  # type: ignore[attr-defined]  # counted apart from corrupt files
+        raise err
+
+
 def _read_wav(src: Any) -> tuple[int, np.ndarray]:
     """``scipy.io.wavfile.read``, strict about truncation; other WAV warnings pass through."""
     import warnings
@@ -55,11 +129,14 @@ def _read_wav(src: Any) -> tuple[int, np.ndarray]:
 
 
 def load_waveform(x: AudioLike, sampling_rate: int, index: int = 0) -> np.ndarray:
-    """A mono float32 waveform at ``sampling_rate``; a truncated WAV file is a :class:`DataError`.
+    """A mono float32 waveform at ``sampling_rate``; a truncated WAV file is a :class:`DataError`,
+    and so is one whose header declares more than :data:`MAX_WAV_SECONDS` or :data:`MAX_WAV_BYTES`
+    (reason ``too_large``, checked before its samples are read).
 
     The one decoder of audio media: encoders' ``preprocess`` (pre-training, end-to-end
     training) and ``mmrec extract`` all read through it, so bad audio is judged the same
-    everywhere (counted as ``audio/corrupt`` by :func:`~mmrec.encoders.robust.preprocess_robust`).
+    everywhere (counted as ``audio/corrupt`` or ``audio/too_large`` by
+    :func:`~mmrec.encoders.robust.preprocess_robust`).
     """
     from scipy.signal import resample_poly
 
@@ -74,7 +151,9 @@ def load_waveform(x: AudioLike, sampling_rate: int, index: int = 0) -> np.ndarra
             import io
 
             where = x if isinstance(x, (str, Path)) else None
-            rate, data = _read_wav(str(x) if where is not None else io.BytesIO(bytes(x)))
+            src = str(x) if where is not None else io.BytesIO(bytes(x))
+            _check_wav_size(src, index, where)  # from the header, before any sample is read
+            rate, data = _read_wav(src)
             if np.issubdtype(data.dtype, np.integer):
                 data = data.astype(np.float32) / float(np.iinfo(data.dtype).max)
             x = data
@@ -83,6 +162,8 @@ def load_waveform(x: AudioLike, sampling_rate: int, index: int = 0) -> np.ndarra
             wav = wav.mean(axis=int(np.argmin(wav.shape)))
         if wav.ndim != 1 or wav.size == 0:
             raise ValueError(f"expected a non-empty mono waveform, got shape {wav.shape}")
+    except DataError:  # too_large: already says what and where
+        raise
     # scipy's WAV parser divides by the header's channel count and unpacks its fields unchecked: a
     # forged header raises ZeroDivisionError / struct.error / EOFError, not only ValueError
     except (OSError, ValueError, TypeError, ArithmeticError, EOFError, IndexError, struct.error) as e:

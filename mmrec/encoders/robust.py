@@ -81,7 +81,7 @@ def preprocess_robust(encoder: Encoder, raws: Sequence[Any], modality: str | Non
         except Exception as e:  # noqa: BLE001 - any decoder error means this item's media is bad
             ok[i] = False
             if bad is not None:
-                # reason: "corrupt", or what the decoder named (load_image: "too_large" for bombs)
+                # reason: "corrupt", or what the decoder named ("too_large": image bombs, WAVs over the bound)
                 bad.add(modality, getattr(e, "reason", "corrupt"), f"{ids[i]}: {type(e).__name__}: {e}"[:200])
     if not good:
         return None, ok

@@ -475,7 +475,7 @@ class PretrainTrainer:
         if not path.exists():
             return None
         from mmrec.train.checkpoint import safe_torch_load  # weights_only=True: a pickle could run code
-        state = safe_torch_load(path)
+        state = safe_torch_load(path, keys=("world_size", "model", "optimizer", "scheduler", "scaler"))
         if state["world_size"] != self.info.world:
             raise MMRecError(f"{path} was written by {state['world_size']} process(es); resume it with the "
                              f"same number (now {self.info.world}) so the data order and RNGs match")
