@@ -11,7 +11,8 @@ Per seed and split, everything at its recipe with early stopping on validation:
    aligned per-modality features;
 5. content models (``--models``, default VBPR and FREEDOM) on the dataset's raw frozen
    features (``MODEL[raw]``) and on the aligned ones (``MODEL[aligned]``), plus any
-   ``--variant LABEL=MODEL:KEY=VALUE;...`` on the aligned features (e.g. an enhancement).
+   ``--variant LABEL=MODEL:KEY=VALUE;...`` on the aligned features (e.g. an enhancement), and
+   ``--pair LABEL=MODEL:...`` on both (e.g. LightGCN + attention over the features).
 
 Rows go to ``RUNS/results.jsonl`` in ``bench/results.py``'s format (finished ones are skipped
 on rerun); tabulate with ``python bench/results.py --table RUNS/results.jsonl ...``.
@@ -97,8 +98,9 @@ def run_seed(seed: int, args: argparse.Namespace, results: Path) -> None:
                               cold_items=m.get("cold_items")))
     aligned = pre / "item_features.safetensors"  # = `mmrec extract --run PRETRAIN` (tests/test_cold_items.py)
     variants = parse_variants(args.variant)
-    for model in args.models:
-        for label, features, sets in ((f"{model}[raw]", [], []), (f"{model}[aligned]", [str(aligned)], [])):
+    pairs = {m: (m, []) for m in args.models} | parse_variants(args.pair)
+    for name, (model, sets) in pairs.items():
+        for label, features in ((f"{name}[raw]", []), (f"{name}[aligned]", [str(aligned)])):
             if (label, seed) not in done:
                 stamp(label)
                 _append(results, train_one(label, model, seed, args, root / label, features, sets))
@@ -116,6 +118,8 @@ def main() -> None:
     p.add_argument("--runs", required=True)
     p.add_argument("--models", nargs="*", default=["vbpr", "freedom"])
     p.add_argument("--variant", action="append", help="LABEL=MODEL[:KEY=VALUE;...] on the aligned features")
+    p.add_argument("--pair", action="append", help="LABEL=MODEL[:KEY=VALUE;...] on raw and on aligned features "
+                                                   "(rows LABEL[raw], LABEL[aligned])")
     p.add_argument("--pretrain-set", action="append", default=[], help="extra --set for mmrec pretrain")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
