@@ -103,11 +103,13 @@ def run_seed(seed: int, args: argparse.Namespace, results: Path) -> None:
         for label, features in ((f"{name}[raw]", []), (f"{name}[aligned]", [str(aligned)])):
             if (label, seed) not in done:
                 stamp(label)
-                _append(results, train_one(label, model, seed, args, root / label, features, sets))
+                _append(results, train_one(label, model, seed, args, root / label, features + args.extra_features,
+                                           sets))
     for label, (model, sets) in variants.items():
         if (label, seed) not in done:
             stamp(label)
-            _append(results, train_one(label, model, seed, args, root / label, [str(aligned)], sets))
+            _append(results, train_one(label, model, seed, args, root / label, [str(aligned), *args.extra_features],
+                                       sets))
 
 
 def main() -> None:
@@ -121,6 +123,8 @@ def main() -> None:
     p.add_argument("--pair", action="append", help="LABEL=MODEL[:KEY=VALUE;...] on raw and on aligned features "
                                                    "(rows LABEL[raw], LABEL[aligned])")
     p.add_argument("--pretrain-set", action="append", default=[], help="extra --set for mmrec pretrain")
+    p.add_argument("--extra-features", action="append", default=[],
+                   help="another feature file for the --pair / --variant runs (e.g. item attributes)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     import torch
