@@ -10,7 +10,9 @@ What a run leaves (rank 0 writes; every file atomically):
   (:mod:`mmrec.pretrain.heldout`);
 * ``checkpoint.pt`` (resume), ``log.jsonl`` (one line per step), ``config.yaml``, ``curves.png``;
 * ``embedding_map.png`` and, with held-out items, ``heldout_curves.png`` + ``heldout_ranks.npz``
-  (``plots.*``, :mod:`mmrec.pretrain.plots`; ``plots`` in ``metrics.json``).
+  (``plots.*``, :mod:`mmrec.pretrain.plots`; ``plots`` in ``metrics.json``);
+* with ``behavior.head: identity``: ``aligned_items.safetensors`` (cold-item stand-ins) and
+  ``item_features.safetensors`` (the aligned features), :mod:`mmrec.pretrain.standins`.
 """
 
 from __future__ import annotations
@@ -34,18 +36,17 @@ from mmrec.pretrain.artifacts import save_encoders
 from mmrec.pretrain.config import PretrainConfig, config_to_dict
 from mmrec.pretrain.data import (CooccurrenceSampler, ItemCollator, MemorySource, ShardSource,
                                  check_shards_match, eval_batches)
+from mmrec.pretrain.feature_cache import cache_path, load_cached, save_cached
 from mmrec.pretrain.heldout import (PREFIX as HELDOUT, ItemSplit, chance_metrics, frozen_content_features,
                                     permuted_targets, restrict_columns, ridge_ranks, split_items,
                                     subset_metrics)
 from mmrec.pretrain.plots import write_plots
-from mmrec.pretrain.retrieval import fit_r2, rank_metrics
-from mmrec.pretrain.retrieval import embed_items, retrieval_metrics
+from mmrec.pretrain.retrieval import embed_items, fit_r2, rank_metrics, retrieval_metrics
 from mmrec.pretrain.shards import read_sizes, write_shards
-from mmrec.pretrain.feature_cache import cache_path, load_cached, save_cached
 from mmrec.pretrain.standins import write_aligned_items
-from mmrec.progress import log, log_lines, progress_bar
 from mmrec.pretrain.trainer import (CHECKPOINT, AlignmentModel, DistInfo, PretrainTrainer, TrainResult, barrier,
                                     build_model, init_distributed)
+from mmrec.progress import log, log_lines, progress_bar
 from mmrec.rundir import holds_run_dir, write_provenance
 
 METRICS = "metrics.json"
