@@ -281,7 +281,7 @@ def test_run_embeddings_follow_dataset_item_order(run_dir):
     assert enc.backbone_dim == 3 and not enc.table.weight.requires_grad
     torch.testing.assert_close(enc(enc.preprocess([0, 1])), torch.tensor([[6.0, 7, 8], [0, 1, 2]]))
     torch.testing.assert_close(enc(enc.preprocess(["11"])), torch.tensor([[3.0, 4, 5]]))
-    with pytest.raises(WeightsError, match="1 items have no embedding"):
+    with pytest.raises(WeightsError, match="1 of the data.s 2 items have no embedding"):
         create_encoder("behavior", "run", run=run_dir, item_ids=["10", "99"])
     with pytest.raises(FileNotFoundError, match="item_embeddings.safetensors"):
         create_encoder("behavior", "run", run=run_dir / "missing")
