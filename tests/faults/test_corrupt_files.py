@@ -10,10 +10,7 @@ its samples are read, as ``too_large`` (the image decompression-bomb design).
 from __future__ import annotations
 
 import io
-import os
 import struct
-import subprocess
-import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -23,6 +20,7 @@ import pytest
 import torch
 
 from mmrec.cli import main
+from tests.faults.fresh_process import load_in_fresh_process
 from mmrec.encoders.audio import MAX_WAV_BYTES, MAX_WAV_SECONDS, LogMelCNNEncoder, load_waveform
 from mmrec.encoders.robust import BadMedia, preprocess_robust
 from mmrec.errors import DataError, MMRecError
@@ -261,16 +259,6 @@ def test_huge_wav_is_refused_without_reading_it(tmp_path):
     with open(path, "wb") as f:
         f.write(_forged(size)[:44])
         f.truncate(44 + size)  # sparse: no disk blocks, but scipy would read every byte
-    code = (
-        "import resource\n"
-        "from mmrec.encoders.audio import load_waveform\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "try:\n"
-        f"    load_waveform({str(path)!r}, 16000)\n"
-        "except Exception as e:\n"
-        "    print(type(e).__name__, getattr(e, 'reason', ''))\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split()
-    assert out[:2] == ["DataError", "too_large"]
-    assert int(out[2]) < 64  # MiB of peak-RSS growth; reading it would take 1 GiB (and 2 GiB as float32)
+    error, reason, mib = load_in_fresh_process("mmrec.encoders.audio", "load_waveform", path, 16000)
+    assert (error, reason) == ("DataError", "too_large")
+    assert mib < 64  # MiB of peak-RSS growth; reading it would take 1 GiB (and 2 GiB as float32)

@@ -12,7 +12,6 @@ import pickle
 import re
 import struct
 import subprocess
-import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from tests.faults.fresh_process import load_in_fresh_process
 from mmrec.config import apply_overrides, load_yaml
 from mmrec.datasets.canonical import read_canonical, read_meta
 from mmrec.datasets.loading import load_dataset
@@ -267,16 +267,6 @@ def test_bomb_stays_within_a_memory_bound(tmp_path):
     """In a fresh process: loading the bomb raises without the ~1.2 GB its pixels would take."""
     path = tmp_path / "bomb.png"
     path.write_bytes(_png(20_000, 20_000))
-    code = (
-        "import resource, sys\n"
-        "from mmrec.encoders.image import load_image\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "try:\n"
-        f"    load_image({str(path)!r})\n"
-        "except Exception as e:\n"
-        "    print(type(e).__name__, getattr(e, 'reason', ''))\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split()
-    assert out[:2] == ["DataError", "too_large"]
-    assert int(out[2]) < 64  # MiB of peak-RSS growth; decoding would need 20000 * 20000 * 3 bytes
+    error, reason, mib = load_in_fresh_process("mmrec.encoders.image", "load_image", path)
+    assert (error, reason) == ("DataError", "too_large")
+    assert mib < 64  # MiB of peak-RSS growth; decoding would need 20000 * 20000 * 3 bytes
