@@ -354,3 +354,42 @@ def test_recommend_loads_a_head_run_and_ranks_by_its_backbone(two_step):
     scores[torch.from_numpy(seen.astype(np.int64))] = float("-inf")
     want = [rec.data.item_ids[i] for i in torch.topk(scores, 5).indices.tolist()]
     assert out.items(rec.data.user_ids[0]) == want
+
+
+def test_one_propagation_per_step_is_shared_by_head_and_backbone():
+    """GraphRecommender._fresh: within one trainer step (after on_batch) the head's features and the
+    backbone's own loss share one propagation, with the same gradients as two separate ones."""
+    from mmrec.heads.model import backbone_representations
+    from mmrec.models.base import create_model
+    data = apply_split(load_dataset("synthetic:tiny"), None)
+    torch.manual_seed(0)
+    model = create_model("lightgcn", data, {"dim": 8, "layers": 2})
+    calls = {"n": 0}
+    real = model.compute_representations
+
+    def counting():
+        calls["n"] += 1
+        return real()
+    model.compute_representations = counting
+    batch = {"user": torch.tensor([0, 1]), "pos": torch.tensor([2, 3]), "neg": torch.tensor([4, 5])}
+
+    def step() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        u, i = backbone_representations(model, fresh=True)        # what HeadModel.features uses
+        loss = (u[:3] * i[:3]).sum() + model.loss(batch)           # + the backbone's own BPR loss
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.train()
+    separate = step()                   # no on_batch (a plain loop): every call propagates
+    assert calls["n"] == 2
+    model.on_batch(batch)
+    shared = step()                     # one trainer step: one propagation
+    assert calls["n"] == 3
+    assert all(torch.allclose(separate[n], shared[n], atol=1e-6) for n in separate)
+    model.on_batch(batch)               # the next step propagates again (new weights)
+    step()
+    assert calls["n"] == 4
+    model.eval()                        # evaluation never reuses a training step's tensors
+    model.prepare_eval()
+    assert model._step_memo is None

@@ -210,6 +210,8 @@ class GraphRecommender(Recommender):
         super().__init__()
         self._cache: tuple[Tensor, ...] | None = None
         self.step_representations: tuple[Tensor, ...] | None = None
+        self._step = 0                                           # counted by on_batch (the trainer's steps)
+        self._step_memo: tuple[int, tuple[Tensor, ...]] | None = None
         self.register_load_state_dict_post_hook(_drop_cache)
 
     def compute_representations(self) -> tuple[Tensor, ...]:
@@ -217,17 +219,30 @@ class GraphRecommender(Recommender):
 
     def _clear_cache(self) -> None:
         self._cache = None
+        self._step_memo = None
+
+    def on_batch(self, batch: dict[str, Tensor]) -> None:
+        """A new training step: representations computed in it are shared by its callers (:meth:`_fresh`)."""
+        super().on_batch(batch)
+        self._step += 1
+        self._step_memo = None
 
     def _fresh(self) -> tuple[Tensor, ...]:
         """Representations with gradients for a training step (drops the eval cache).
 
         A detached view of them stays in ``step_representations`` until the next step, so
         a model stacked on this one (``history``) can score with this step's weights
-        without propagating again.
+        without propagating again. Within one trainer step (between two :meth:`on_batch`
+        calls) a second call returns the same tensors, gradients attached: a head trained end
+        to end on this backbone and the backbone's own loss share one propagation (and one
+        dropout draw). Without ``on_batch`` (a plain loop calling ``loss``) every call propagates.
         """
         self._cache = None
+        if self._step_memo is not None and self._step_memo[0] == self._step and self.training:
+            return self._step_memo[1]
         reps = self.compute_representations()
         self.step_representations = tuple(t.detach() for t in reps)
+        self._step_memo = (self._step, reps) if self._step > 0 and self.training else None
         return reps
 
     def representations(self) -> tuple[Tensor, ...]:
@@ -235,15 +250,18 @@ class GraphRecommender(Recommender):
 
     @torch.no_grad()
     def prepare_eval(self) -> None:
+        self._step_memo = None
         self._cache = tuple(t.detach() for t in self.compute_representations())
 
     def train(self, mode: bool = True) -> "GraphRecommender":
         if mode:
             self._cache = None
+        self._step_memo = None
         return super().train(mode)
 
     def _apply(self, fn, recurse: bool = True):  # .to(device) / .double(): the cache is stale
         self._cache = None
+        self._step_memo = None
         return super()._apply(fn, recurse)
 
 

@@ -81,10 +81,13 @@ def check_head_config(head_name: str, head_config: dict[str, Any], tasks: list[s
 def backbone_representations(backbone: Recommender, fresh: bool = False) -> tuple[Tensor, Tensor]:
     """(users [n_users, d], items [n_items, d]) of a backbone, or a ConfigError.
 
-    ``fresh``: recompute with gradients (graph models cache their eval-time propagation).
+    ``fresh``: recompute with gradients (graph models cache their eval-time propagation); a
+    graph backbone's ``_fresh`` shares the step's propagation with the backbone's own loss.
     """
     reps = getattr(backbone, "representations", None)
-    if fresh and callable(getattr(backbone, "compute_representations", None)):
+    if fresh and callable(getattr(backbone, "_fresh", None)):
+        reps = backbone._fresh
+    elif fresh and callable(getattr(backbone, "compute_representations", None)):
         reps = backbone.compute_representations
     if not callable(reps):
         raise ConfigError(f"backbone '{type(backbone).__name__}' has no representations(); heads sit on models "
