@@ -322,7 +322,7 @@ def pretrain(cfg: PretrainConfig, log: Log | None = None, data: Dataset | None =
         out = _write_outputs(cfg, data_name, run_dir, model, data, modalities, dropped, trainer, result,
                              trainer.extra_state.get("baseline", {}), final, bad, info, shard_dir, eval_seconds,
                              heldout_info)
-        standins = write_aligned_items(model, data, cfg, modalities, run_dir)  # cold-item stand-ins
+        standins = write_aligned_items(kept["embs"], kept["masks"], data, cfg, modalities, run_dir)  # stand-ins
         if standins is not None:
             out["aligned_items"] = standins
             write_json(run_dir / METRICS, out)

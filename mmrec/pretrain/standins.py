@@ -4,9 +4,11 @@
   space (the content heads land in the aligned-to recommender's own space); ``--cold-items
   aligned:RUN`` reads it (mmrec/cold_items.py).
 * ``RUN/item_features.safetensors``: the projected per-modality embeddings and their fused
-  table, exactly what ``mmrec extract --run RUN`` writes for the same data, from the pass that
-  already embedded every item (the frozen backbones' cached features: no second pass through
-  them); content models take it with ``--features``.
+  table, exactly what ``mmrec extract --run RUN`` writes for the same data; content models take
+  it with ``--features``.
+
+Both come from the embeddings the run's final evaluation already computed for every item
+(``embed_items``): no further pass through the encoders.
 """
 
 from __future__ import annotations
@@ -18,19 +20,15 @@ from mmrec.cold_items import STANDIN_FILE, write_standins
 from mmrec.datasets.features import write_feature_tables
 from mmrec.datasets.schema import Dataset, FeatureTable
 from mmrec.pretrain.config import PretrainConfig
-from mmrec.pretrain.data import ItemCollator, eval_batches
-from mmrec.pretrain.retrieval import content_mean, embed_items
+from mmrec.pretrain.retrieval import content_mean
 
 
-def write_aligned_items(model: Any, data: Dataset, cfg: PretrainConfig, modalities: list[str],
-                        run_dir: Path) -> dict[str, Any] | None:
-    """Write the stand-in file (identity behavior head only); returns its summary for metrics.json."""
+def write_aligned_items(embs: dict[str, Any], masks: dict[str, Any], data: Dataset, cfg: PretrainConfig,
+                        modalities: list[str], run_dir: Path) -> dict[str, Any] | None:
+    """Write both files (identity behavior head only) from ``embed_items``' ``embs`` / ``masks``
+    (every content modality and ``behavior``); returns their summary for metrics.json."""
     if cfg.behavior.head != "identity":
         return None
-    collate = ItemCollator({m: model.encoders[m] for m in modalities}, modalities)
-    collate.cached = {m: c.filled.detach().cpu().clone() for m, c in model.caches.items()}  # no media decoding
-    embs, masks = embed_items(model, eval_batches(data, collate, cfg.eval.batch_size, None, cfg.loader.num_workers),
-                              data.n_items)
     vectors, has = content_mean(embs, masks, modalities)
     meta = {"created_by": "mmrec pretrain", "dataset": str(data.name), "pretrain_run": str(run_dir),
             "behavior_kind": cfg.behavior_kind(), "behavior_run": str(cfg.behavior.run or ""),
