@@ -121,3 +121,16 @@ def modality_masks(n: int = 12) -> dict:
     masks["audio"][1] = masks["image"][1] = False
     masks["image"][2] = False
     return masks
+
+
+def random_content_encoder(n: int, seed: int, feat_dim: int, dim: int = 8, **encoder_args):
+    """An ``ItemContentEncoder`` over random stored features of :data:`MODALITIES` [n, feat_dim]
+    with :func:`modality_masks`, seeded (the features by ``seed``, the projections by ``torch.manual_seed``)."""
+    import torch
+    from mmrec.datasets.schema import FeatureTable
+    from mmrec.fusion.content import FrozenFeatures, ItemContentEncoder
+    g = torch.Generator().manual_seed(seed)
+    masks = modality_masks(n)
+    tables = {m: FeatureTable(torch.randn(n, feat_dim, generator=g), masks[m]) for m in MODALITIES}
+    torch.manual_seed(seed)
+    return ItemContentEncoder(FrozenFeatures(tables, norm="none"), dim, **encoder_args)

@@ -24,7 +24,7 @@ from mmrec.fusion.enhancement import (ContrastiveEnhancement, DisentangledEnhanc
 from mmrec.models.base import create_model
 from mmrec.registry import ENHANCEMENTS
 
-from tests.conftest import MODALITIES, modality_masks, modality_parts
+from tests.conftest import MODALITIES, modality_masks, modality_parts, random_content_encoder
 
 DIM = 8
 ENHANCEMENTS_UNDER_TEST = ("mdr", "ghmfc")
@@ -33,12 +33,8 @@ ENHANCEMENTS_UNDER_TEST = ("mdr", "ghmfc")
 def _encoder(enhancement: str | None, n: int = 24, seed: int = 0, fusion: str = "sum",
              enhance_items: int = 512) -> ItemContentEncoder:
     """Three modalities of random features; item 0 has nothing, 1 only text, 2 lacks image."""
-    g = torch.Generator().manual_seed(seed)
-    masks = modality_masks(n)
-    tables = {m: FeatureTable(torch.randn(n, 6, generator=g), masks[m]) for m in MODALITIES}
-    torch.manual_seed(seed)
-    return ItemContentEncoder(FrozenFeatures(tables, norm="none"), DIM, fusion=fusion, enhancement=enhancement,
-                              enhance_items=enhance_items)
+    return random_content_encoder(n, seed, 6, DIM, fusion=fusion, enhancement=enhancement,
+                                  enhance_items=enhance_items)
 
 
 @pytest.fixture(scope="module")

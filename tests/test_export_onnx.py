@@ -144,16 +144,6 @@ def test_scoring_network_must_reproduce_score_all(cigf_run: Path):
         scoring_network(rec.model, "cigf")
 
 
-def test_other_network_models_are_still_refused(tmp_path: Path, capsys):
-    run = tmp_path / "pop"
-    train(RunConfig(model="pop", data="synthetic:tiny", out=str(run), protocol="full",
-                    train=TrainSection(progress=False)))
-    assert main(["export", "--run", str(run), "--out", str(tmp_path / "exp")]) == 2
-    err = capsys.readouterr().err
-    assert "not supported yet for it (supported: cigf, history, mbgmn, nova, sasrec;" in err
-    assert not (tmp_path / "exp").exists()
-
-
 # -- MB-GMN ---------------------------------------------------------------------------------------
 
 def test_mbgmn_scorer_is_the_meta_prediction_network():

@@ -24,7 +24,7 @@ from mmrec.fusion.modality_gate import ModalityGate, drop_modalities
 from mmrec.models.base import create_model
 from mmrec.registry import FILTRATIONS
 
-from tests.conftest import MODALITIES, modality_masks, modality_parts  # noqa: E402
+from tests.conftest import MODALITIES, modality_masks, modality_parts, random_content_encoder  # noqa: E402
 
 MODS = MODALITIES
 DIM = 8
@@ -47,12 +47,7 @@ def _gate(logits=(0.0, 0.0, 0.0), norm: str = "global") -> ModalityGate:
 
 def _encoder(fusion: str = "sum", filtration: str | None = "modality-gate", p: float = 0.0,
              n: int = 12, seed: int = 0) -> ItemContentEncoder:
-    g = torch.Generator().manual_seed(seed)
-    masks = _masks(n)
-    tables = {m: FeatureTable(torch.randn(n, 5, generator=g), masks[m]) for m in MODS}
-    torch.manual_seed(seed)
-    return ItemContentEncoder(FrozenFeatures(tables, norm="none"), DIM, fusion=fusion, filtration=filtration,
-                              modality_dropout=p)
+    return random_content_encoder(n, seed, 5, DIM, fusion=fusion, filtration=filtration, modality_dropout=p)
 
 
 # -- the filtration as a plain module ------------------------------------------------------

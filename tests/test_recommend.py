@@ -261,6 +261,7 @@ def test_export_refuses_models_that_are_not_inner_products(tmp_path: Path, capsy
     err = capsys.readouterr().err
     assert "model 'pop' does not score by a plain inner product" in err
     assert "ONNX export of its scoring network is not supported yet" in err
+    assert "not supported yet for it (supported: cigf, history, mbgmn, nova, sasrec;" in err
     assert not (tmp_path / "exp").exists()
 
 
