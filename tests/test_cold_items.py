@@ -235,3 +235,18 @@ def test_a_features_file_of_other_data_is_an_error_naming_both(tmp_path):
     with pytest.warns(UserWarning, match="not in the dataset"):  # a partial overlap is counted, not refused
         got = load_feature_file(f, ["x1", "i1"], dataset="synthetic:tiny")
     assert next(iter(got.values())).mask.tolist() == [True, False]
+
+
+def test_the_patched_item_table_is_reused_until_the_weights_change(runs):
+    rec = Recommender.load(runs["behavior"], cold_items=f"aligned:{runs['pretrain']}")
+    model = rec.model
+    cold = torch.as_tensor(cold_rows(rec.data))
+    with torch.no_grad():
+        first = model.scoring_tables()[1]
+        assert model.scoring_tables()[1] is first            # one copy of the catalogue for every user batch
+        model.item_emb.weight.add_(1.0)                     # an in-place update (an optimizer step)
+        second = model.scoring_tables()[1]
+    assert second is not first
+    warm = torch.ones(len(second), dtype=torch.bool)
+    warm[cold] = False
+    assert torch.allclose(second[warm], first[warm] + 1.0) and torch.equal(second[cold], first[cold])

@@ -157,11 +157,13 @@ class InnerProductScoring:
 
     representations: Callable[[], tuple[Tensor, ...]]  # supplied by the model class
     _cold_standins: tuple[Tensor, Tensor] | None = None
+    _patched: tuple[Tensor, int, Tensor] | None = None   # (item table, its version, with the stand-ins)
 
     def set_cold_standins(self, rows: Tensor | None, vectors: Tensor | None = None) -> None:
         """Score items ``rows`` with ``vectors`` in place of their item rows (cold items with an
         aligned content vector, mmrec/cold_items.py); ``None`` removes them. Not a parameter or
         buffer: the stored weights stay the model's own."""
+        self._patched = None
         if rows is None:
             self._cold_standins = None
             return
@@ -171,12 +173,21 @@ class InnerProductScoring:
 
     def scoring_tables(self) -> tuple[Tensor, Tensor]:
         """(users, items) whose inner products are the scores: ``representations()`` with the
-        cold-item stand-ins, if any, in their rows."""
+        cold-item stand-ins, if any, in their rows.
+
+        Without gradients the patched table is kept while the item table is the same tensor at
+        the same version, so scoring user batch after user batch copies the catalogue once, not
+        once per batch."""
         u, i = self.representations()[:2]
-        if self._cold_standins is not None:
-            rows, vectors = self._cold_standins
-            i = i.index_copy(0, rows.to(i.device), vectors.to(device=i.device, dtype=i.dtype))
-        return u, i
+        if self._cold_standins is None:
+            return u, i
+        memo = self._patched
+        if memo is not None and memo[0] is i and memo[1] == i._version:
+            return u, memo[2]
+        rows, vectors = self._cold_standins
+        patched = i.index_copy(0, rows.to(i.device), vectors.to(device=i.device, dtype=i.dtype))
+        self._patched = (i, i._version, patched) if not torch.is_grad_enabled() else None
+        return u, patched
 
     def score_all(self, users: Tensor) -> Tensor:
         u, i = self.scoring_tables()
